@@ -1,0 +1,26 @@
+"""prep: instruction-tuning data → exact, packed, training-ready Arrow shards, and a trainer.
+
+The public API is loaded lazily (PEP 562), so `import prep.load` or `import prep.train`
+pulls in neither pydantic nor datasets (the GPU machines may have neither).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "convert": ("prep.convert", "convert"),
+    "pack": ("prep.pipeline", "pack"),
+    "load_shards": ("prep.load", "load_shards"),
+    "train": ("prep.train", "train"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'prep' has no attribute {name!r}")
