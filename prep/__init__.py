@@ -11,11 +11,13 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# Function names differ from submodule names on purpose: `import prep.convert` binds the
+# attribute `prep.convert` to the module, which would shadow a function of that name.
 _LAZY = {
-    "convert": ("prep.convert", "convert"),
-    "pack": ("prep.pipeline", "pack"),
+    "convert_files": ("prep.convert", "convert_files"),
+    "pack_shards": ("prep.pipeline", "pack_shards"),
     "load_shards": ("prep.load", "load_shards"),
-    "train": ("prep.train", "train"),
+    "train_model": ("prep.train", "train_model"),
 }
 
 
