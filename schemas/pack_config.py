@@ -1,0 +1,38 @@
+"""PackConfig: every `prep pack` option, validated once, echoed into the manifest."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TrainOn = Literal["completion", "last", "all"]
+Overflow = Literal["split", "truncate", "drop"]
+
+
+class PackConfig(BaseModel):
+    """Options of `prep pack`; each CLI flag is the field of the same name.
+
+    >>> PackConfig(inputs=["a.jsonl"], output="shards").max_len
+    2048
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    inputs: list[str] = Field(min_length=1, description="input files, folders or globs (unified or raw)")
+    output: str = Field(description="output folder for the shards")
+    format: str = Field("auto", description="input format, or auto to detect per file")
+    tokenizer: str | None = Field(None, description="local folder or hub id; None = embedded demo tokenizer")
+    trust_remote_code: bool = Field(False, description="allow a hub tokenizer's own code to run")
+    template: str = Field("markers", description="markers | chatml | tokenizer | path to a TOML/YAML template")
+    max_len: int = Field(2048, ge=8, description="tokens per row")
+    train_on: TrainOn = Field("completion", description="which tokens carry a loss")
+    overflow: Overflow = Field("split", description="what to do with an example longer than max_len")
+    pack: bool = Field(True, description="pack several examples per row (False: one per row, padded by the collator)")
+    seed: int = Field(0, description="seed of the row shuffle")
+    shard_size: str = Field("256MB", description="target size of each shard file")
+    add_special_tokens: bool = Field(False, description="register the template markers as special tokens")
+    batch_size: int = Field(2048, ge=1, description="conversations per tokenizer call")
+    dedup: bool = Field(False, description="drop exact duplicate conversations before encoding")
+    overwrite: bool = Field(False, description="replace an existing output folder")
+    strict: bool = Field(False, description="exit non-zero if any record or example was rejected")
