@@ -1,0 +1,626 @@
+"""Convert raw records of any supported format into unified conversations.
+
+Each format has one small pure function (the `CONVERTERS` registry) that maps its raw model to a
+`Draft`: the turns in unified roles, plus `meta` that keeps whatever the unified form has no field
+for. One shared function, `finish`, then applies the rules, the same for every format:
+
+1. Trailing user turns (no answer) are removed and kept in `meta["trailing_user"]`.
+2. Consecutive turns of the same role are merged, joined with a blank line ("\\n\\n"); the number of
+   merges is kept in `meta["merged_turns"]`.
+3. A conversation whose first non-system turn is an assistant turn is rejected (`starts_with_assistant`).
+4. `schemas.conversation.conversation_problems` checks the rest: at least one assistant turn,
+   non-empty responses, a system message only first.
+
+Unified records are not repaired: they are accepted as they are (keeping their id, source and meta)
+or rejected. The pipeline is `read -> validate -> convert -> sink`; `convert_files` runs it for the
+CLI and `iter_conversations` streams the conversations to later stages.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import pydantic_core
+from pydantic import ValidationError
+
+from prep.errors import AccountingError, ConfigError, PrepError
+from prep.read import BATCH_SIZE, expand_inputs
+from prep.report import Report
+from prep.sink import JsonlSink, ParquetSink, check_outputs
+from prep.validate import STAGE, ValidatedBatch, raw_text, validate_file
+from schemas.config import ConvertConfig
+from schemas.conversation import Conversation, Message, SourceRef, content_hash, conversation_problems
+from schemas.raw import (
+    ROLE_MAP,
+    TOOL_ROLES,
+    AlpacaRecord,
+    OpenAIRecord,
+    RawRecord,
+    ShareGPTRecord,
+    TranscriptRecord,
+    UnifiedRecord,
+)
+from schemas.reject import ErrorDetail, Reject
+
+ConvertReport = Report
+TURN_SEPARATOR = "\n\n"
+_to_json = pydantic_core.to_json
+
+
+class Turn(NamedTuple):
+    """One message while converting: unified role, content, where it came from, training override."""
+
+    role: str
+    content: str
+    src: str = ""
+    train: bool | None = None
+
+
+class Draft(NamedTuple):
+    """A converter's output: turns and meta; unified records also carry their id and source."""
+
+    turns: list[Turn]
+    meta: dict[str, Any]
+    id: str | None = None
+    source: dict[str, Any] | None = None
+    repair: bool = True
+
+
+class Accepted(NamedTuple):
+    """A conversation that passed the rules, in the light form the hot path serializes directly."""
+
+    id: str
+    hash: str
+    source: dict[str, Any] | None
+    turns: list[Turn]
+    meta: dict[str, Any]
+    merged: int
+    trimmed: bool
+
+
+class Unconvertible(Exception):
+    """A converter cannot map a record (e.g. a transcript without role markers)."""
+
+    def __init__(self, field: str, message: str, reason: str):
+        super().__init__(message)
+        self.field, self.message, self.reason = field, message, reason
+
+
+# --- one converter per format ---------------------------------------------------------------
+
+
+def _join(parts: Iterable[str]) -> str:
+    """Join non-empty parts with a blank line (an empty part would leave a stray separator)."""
+    return TURN_SEPARATOR.join(p for p in parts if p)
+
+
+def _extras(record: Any) -> dict[str, Any]:
+    """The record's keys its model does not name, as a fresh meta dict."""
+    extra = record.__pydantic_extra__
+    return dict(extra) if extra else {}
+
+
+def alpaca_turns(r: AlpacaRecord) -> Draft:
+    """Alpaca/Dolly/GPTeacher: [system], history pairs, user = instruction + blank line + input, assistant = output.
+
+    >>> d = alpaca_turns(AlpacaRecord(instruction="Sum", input="2 2", output="4"))
+    >>> [(t.role, t.content) for t in d.turns]
+    [('user', 'Sum\\n\\n2 2'), ('assistant', '4')]
+    """
+    turns = [Turn("system", r.system, "system")] if r.system else []
+    for i, (question, answer) in enumerate(r.history):
+        turns += [Turn("user", question, f"history[{i}][0]"), Turn("assistant", answer, f"history[{i}][1]")]
+    user = f"{r.instruction}{TURN_SEPARATOR}{r.input}" if r.input and r.instruction else r.instruction or r.input or ""
+    turns.append(Turn("user", user, "instruction"))
+    turns.append(Turn("assistant", r.output, "output"))
+    return Draft(turns, _extras(r))
+
+
+def sharegpt_turns(r: ShareGPTRecord) -> Draft:
+    """ShareGPT: role aliases mapped (tool call -> assistant, tool result -> user); tool roles kept in meta.
+
+    >>> d = sharegpt_turns(ShareGPTRecord.model_validate({"conversations": [
+    ...     {"from": "human", "value": "Weather?"}, {"from": "function_call", "value": "{}"},
+    ...     {"from": "observation", "value": "sun"}, {"from": "gpt", "value": "Sunny."}]}))
+    >>> [t.role for t in d.turns], d.meta["original_roles"][1]
+    (['user', 'assistant', 'user', 'assistant'], 'function_call')
+    """
+    turns = [Turn("system", r.system, "system")] if r.system else []
+    turns += [Turn(ROLE_MAP[m.from_], m.value, f"conversations[{i}].value") for i, m in enumerate(r.conversations)]
+    meta = _extras(r)
+    if any(m.from_ in TOOL_ROLES for m in r.conversations):
+        meta["original_roles"] = [m.from_ for m in r.conversations]
+    return Draft(turns, meta)
+
+
+def openai_turns(r: OpenAIRecord) -> Draft:
+    """OpenAI messages: tool results -> user; an assistant's tool calls are appended to its content as JSON.
+
+    >>> d = openai_turns(OpenAIRecord.model_validate({"messages": [
+    ...     {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}))
+    >>> [t.content for t in d.turns]
+    ['Hi', 'Hello!']
+    """
+    turns = []
+    tools = False
+    for i, m in enumerate(r.messages):
+        calls = m.tool_calls if m.tool_calls is not None else ([m.function_call] if m.function_call else None)
+        content = _join([m.content or "", _to_json(calls).decode()]) if calls else m.content or ""
+        tools = tools or bool(calls) or m.role in TOOL_ROLES
+        turns.append(Turn(ROLE_MAP[m.role], content, f"messages[{i}].content"))
+    meta = _extras(r)
+    if tools:
+        meta["original_roles"] = [m.role for m in r.messages]
+    return Draft(turns, meta)
+
+
+# Transcript markers, one style per record (the style whose marker comes first is used).
+_MARKERS = (
+    re.compile(r"(?:^|\n\n)(Human|Assistant|System):"),  # hh-rlhf: "\n\nHuman: ...\n\nAssistant: ..."
+    re.compile(r"###[ \t]*(Human|Assistant|System):"),  # "### Human: ... ### Assistant: ..."
+    re.compile(r"###(instruction|response|human|assistant|system)###"),  # seed markup
+)
+_SEED = _MARKERS[2]
+_MARKER_ROLES = {"human": "user", "instruction": "user", "assistant": "assistant", "response": "assistant",
+                 "system": "system"}
+
+
+def strip_separator(text: str) -> str:
+    """Remove a transcript turn's separator whitespace, keeping the first line's indentation.
+
+    Removed: whitespace at the end, blank lines at the start, and spaces between the marker and
+    content on the marker's own line. Kept: everything else, including a code block's indentation.
+
+    >>> strip_separator(" Hello \\n\\n")
+    'Hello'
+    >>> strip_separator("\\n\\n    indented()\\n")
+    '    indented()'
+    """
+    text = text.rstrip()
+    body = text.lstrip()
+    if not body:
+        return ""
+    newline = text.rfind("\n", 0, len(text) - len(body))
+    return text[newline + 1:] if newline >= 0 else body
+
+
+def parse_transcript(text: str) -> list[tuple[str, str]]:
+    """Split a transcript into (role, content) turns; text before the first marker becomes a system turn.
+
+    Raises:
+        Unconvertible: no role marker found.
+
+    >>> parse_transcript("\\n\\nHuman: Hi there\\n\\nAssistant: Hello!")
+    [('user', 'Hi there'), ('assistant', 'Hello!')]
+    >>> parse_transcript("###instruction### Add 2+2 ###response### 4 ###")
+    [('user', 'Add 2+2'), ('assistant', '4')]
+    """
+    firsts = [(m.start(), i, rx) for i, rx in enumerate(_MARKERS) if (m := rx.search(text))]
+    if not firsts:
+        raise Unconvertible("text", "no role markers found; expected '\\n\\nHuman:'/'\\n\\nAssistant:', "
+                            "'### Human:'/'### Assistant:' or '###human###'/'###assistant###'", "unparsable_transcript")
+    marker = min(firsts)[2]
+    matches = list(marker.finditer(text))
+    preamble = strip_separator(text[:matches[0].start()])
+    turns = [("system", preamble)] if preamble else []
+    for m, end in zip(matches, [n.start() for n in matches[1:]] + [len(text)]):
+        content = strip_separator(text[m.end():end])
+        if marker is _SEED and end == len(text) and content.endswith("###"):
+            content = _drop_end_marker(content)
+        turns.append((_MARKER_ROLES[m.group(1).lower()], content))
+    return turns
+
+
+def _drop_end_marker(content: str) -> str:
+    """Drop the seed markup's closing `###` (only when it stands apart from the text)."""
+    head = content[:-3]
+    return head.rstrip() if not head or head[-1].isspace() else content
+
+
+def transcript_turns(r: TranscriptRecord) -> Draft:
+    """A transcript in `text` (or hh-rlhf `chosen`); `rejected` and any other key go to meta.
+
+    >>> d = transcript_turns(TranscriptRecord(chosen="\\n\\nHuman: Hi\\n\\nAssistant: Hey", rejected="..."))
+    >>> [t.content for t in d.turns], d.meta
+    (['Hi', 'Hey'], {'rejected': '...'})
+    """
+    key = r.key
+    try:
+        pairs = parse_transcript(r.text if key == "text" else r.chosen)
+    except Unconvertible as e:
+        raise Unconvertible(key, e.message, e.reason) from None
+    turns = [Turn(role, content, f"{key} (turn {i})") for i, (role, content) in enumerate(pairs)]
+    meta = _extras(r)
+    if key == "text" and r.chosen is not None:
+        meta["chosen"] = r.chosen
+    if r.rejected is not None:
+        meta["rejected"] = r.rejected
+    return Draft(turns, meta)
+
+
+def unified_turns(r: UnifiedRecord) -> Draft:
+    """A unified record converts to itself: same id, source, messages and meta (no repairs).
+
+    >>> d = unified_turns(UnifiedRecord(id="x", messages=[{"role": "user", "content": "a"}]))
+    >>> d.id, d.repair
+    ('x', False)
+    """
+    turns = [Turn(m.role, m.content, f"messages[{i}].content", m.train) for i, m in enumerate(r.messages)]
+    source = r.source.model_dump() if r.source is not None else None
+    return Draft(turns, dict(r.meta), r.id, source, repair=False)
+
+
+CONVERTERS: dict[str, Callable[[Any], Draft]] = {
+    "alpaca": alpaca_turns,
+    "sharegpt": sharegpt_turns,
+    "openai": openai_turns,
+    "transcript": transcript_turns,
+    "unified": unified_turns,
+}
+
+
+# --- the rules, shared by every format ---------------------------------------------------
+
+
+def normalize_turns(turns: list[Turn]) -> tuple[list[Turn], int, list[Turn]]:
+    """Remove trailing user turns, then merge consecutive same-role turns.
+
+    Returns:
+        (turns, number of merges, removed trailing user turns).
+
+    >>> kept, merged, trailing = normalize_turns([Turn("user", "a"), Turn("user", "b"),
+    ...                                           Turn("assistant", "c"), Turn("user", "d")])
+    >>> [t.content for t in kept], merged, [t.content for t in trailing]
+    (['a\\n\\nb', 'c'], 1, ['d'])
+    """
+    end = len(turns)
+    while end and turns[end - 1].role == "user":
+        end -= 1
+    trailing = turns[end:]
+    if trailing:
+        turns = turns[:end]
+    if all(a.role != b.role for a, b in zip(turns, turns[1:])):
+        return turns, 0, trailing
+    merged: list[list[Turn]] = []
+    for turn in turns:
+        if merged and merged[-1][0].role == turn.role:
+            merged[-1].append(turn)
+        else:
+            merged.append([turn])
+    out = [g[0] if len(g) == 1 else g[0]._replace(content=_join(t.content for t in g)) for g in merged]
+    return out, len(turns) - len(out), trailing
+
+
+def finish(draft: Draft, path: str, line: int, format: str, raw: Any = None) -> Accepted | Reject:
+    """Apply the rules to a Draft: repair what the rules allow (merge, trim), reject the rest.
+
+    Args:
+        draft: a converter's output.
+        path, line, format: where the record came from (becomes `source`).
+        raw: the payload as read, for the Reject.
+    Returns:
+        Accepted, or a Reject naming every rule broken.
+    """
+    turns, meta, merged, trimmed = draft.turns, draft.meta, 0, False
+    if _is_clean(turns):
+        # Fast path: a clean conversation satisfies every rule (conversation_problems would return []).
+        digest = content_hash(turns)  # type: ignore[arg-type]  # Turn has .role and .content
+        source = {"path": path, "line": line, "format": format} if draft.repair else draft.source
+        return Accepted(draft.id or digest, digest, source, turns, meta, 0, False)
+    if draft.repair:
+        turns, merged, trailing = normalize_turns(turns)
+        if merged:
+            meta["merged_turns"] = merged
+        if trailing:
+            meta["trailing_user"] = [t.content for t in trailing]
+            trimmed = True
+        first = 1 if turns and turns[0].role == "system" else 0
+        if len(turns) > first and turns[first].role == "assistant":
+            problem = (f"messages[{first}].role", "the first turn after the system prompt is an assistant turn",
+                       "starts_with_assistant")
+            return _rules_reject([problem], turns, path, line, format, raw)
+    problems = conversation_problems(turns)  # type: ignore[arg-type]  # Turn has .role and .content
+    if problems:
+        return _rules_reject(problems, turns, path, line, format, raw)
+    digest = content_hash(turns)  # type: ignore[arg-type]
+    source = {"path": path, "line": line, "format": format} if draft.repair else draft.source
+    return Accepted(draft.id or digest, digest, source, turns, meta, merged, trimmed)
+
+
+def _is_clean(turns: list[Turn]) -> bool:
+    """True when the turns already follow every rule: [system], then user/assistant alternating,
+    ending with an assistant turn, every response non-blank. A sufficient check, cheaper than
+    normalize_turns + conversation_problems; anything else takes the full path.
+
+    >>> _is_clean([Turn("user", ""), Turn("assistant", "ok")]), _is_clean([Turn("user", "q")])
+    (True, False)
+    """
+    start = 1 if turns and turns[0].role == "system" else 0
+    if len(turns) - start < 2 or (len(turns) - start) % 2:
+        return False
+    for i in range(start, len(turns), 2):
+        user, assistant = turns[i], turns[i + 1]
+        content = assistant.content
+        if user.role != "user" or assistant.role != "assistant" or not content or content.isspace():
+            return False
+    return True
+
+
+_INDEX = re.compile(r"messages\[(\d+)\]")
+
+
+def _rules_reject(problems: list[tuple[str, str, str]], turns: list[Turn], path: str, line: int,
+                  format: str, raw: Any) -> Reject:
+    """A Reject for broken turn rules; fields point into the raw record where the turn came from."""
+    errors = []
+    for field, message, _ in problems:
+        match = _INDEX.match(field)
+        if match and int(match.group(1)) < len(turns) and turns[int(match.group(1))].src:
+            errors.append(ErrorDetail(field=turns[int(match.group(1))].src, message=f"{message} (unified {field})"))
+        else:
+            errors.append(ErrorDetail(field=field, message=message))
+    return Reject(path=path, line=line, stage=STAGE, reason=problems[0][2], errors=errors,
+                  raw=None if raw is None else raw_text(raw), format=format)
+
+
+def convert_record(record: RawRecord, format: str, path: str = "<memory>", line: int = 0) -> Conversation | Reject:
+    """Convert one validated raw record to a Conversation, or a Reject saying why not.
+
+    >>> c = convert_record(AlpacaRecord(instruction="Hi", output="Hello"), "alpaca")
+    >>> [m.role for m in c.messages], c.source.format
+    (['user', 'assistant'], 'alpaca')
+    """
+    result = _convert_one(record, format, path, line, None)
+    return result if isinstance(result, Reject) else to_conversation(result)
+
+
+def _convert_one(record: Any, format: str, path: str, line: int, raw: Any) -> Accepted | Reject:
+    """Converter + rules for one record."""
+    try:
+        draft = CONVERTERS[format](record)
+    except Unconvertible as e:
+        return Reject(path=path, line=line, stage=STAGE, reason=e.reason,
+                      errors=[ErrorDetail(field=e.field, message=e.message)],
+                      raw=None if raw is None else raw_text(raw), format=format)
+    return finish(draft, path, line, format, raw)
+
+
+def _convert_batch(batch: ValidatedBatch) -> list[Accepted | Reject]:
+    """Convert a validated batch; rows that failed validation pass through as Rejects."""
+    out: list[Accepted | Reject] = []
+    path, fmt, convert = batch.path, batch.format, CONVERTERS[batch.format]
+    for record, line, payload in zip(batch.records, batch.lines, batch.payloads):
+        if record.__class__ is Reject:
+            out.append(record)
+            continue
+        try:
+            out.append(finish(convert(record), path, line, fmt, payload))
+        except Unconvertible:
+            out.append(_convert_one(record, fmt, path, line, payload))
+    return out
+
+
+def to_conversation(a: Accepted) -> Conversation:
+    """Build the frozen Conversation of an Accepted record (the rules were already checked)."""
+    messages = [Message.model_construct(role=t.role, content=t.content, train=t.train) for t in a.turns]
+    source = SourceRef.model_construct(**a.source) if a.source is not None else None
+    return Conversation.model_construct(id=a.id, source=source, messages=messages, meta=a.meta)
+
+
+def to_json_line(a: Accepted) -> bytes:
+    """Serialize an Accepted record exactly as `to_conversation(a).model_dump_json()` would, only faster."""
+    messages = [{"role": t.role, "content": t.content, "train": t.train} for t in a.turns]
+    return _to_json({"id": a.id, "source": a.source, "messages": messages, "meta": a.meta})
+
+
+# --- streaming over files ------------------------------------------------------------------
+
+
+def _outcomes(paths: list[str], format: str, dedup: bool, report: Report,
+              batch_size: int) -> Iterator[tuple[str, list[Accepted | Reject], float]]:
+    """Validate and convert every input, batch by batch, counting everything in `report`."""
+    seen: set[str] | None = set() if dedup else None
+    for path in paths:
+        validated = validate_file(path, format, batch_size)
+        counts = report.add_row(path, f"{validated.format} (auto)" if validated.detected else validated.format)
+        for batch in validated.batches:
+            results = _convert_batch(batch)
+            counts.read += len(batch.lines)
+            kept: list[Accepted | Reject] = []
+            for r in results:
+                if r.__class__ is Reject:
+                    counts.rejected[r.reason] += 1  # type: ignore[union-attr]
+                elif seen is not None and r.hash in seen:  # type: ignore[union-attr]
+                    counts.deduplicated += 1
+                    continue
+                else:
+                    if seen is not None:
+                        seen.add(r.hash)  # type: ignore[union-attr]
+                    counts.accepted += 1
+                    if r.merged:  # type: ignore[union-attr]
+                        counts.events["merged_turns"] += r.merged  # type: ignore[union-attr]
+                    if r.trimmed:  # type: ignore[union-attr]
+                        counts.events["trimmed_trailing_user"] += 1
+                kept.append(r)
+            yield path, kept, batch.done
+
+
+def iter_conversations(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], format: str = "auto", *,
+                       dedup: bool = False, report: Report | None = None,
+                       batch_size: int = BATCH_SIZE) -> Iterator[Conversation | Reject]:
+    """Stream the unified conversations (and Rejects) of some inputs, in sorted input order.
+
+    Args:
+        paths: one path, or paths and globs (files of any supported kind, save_to_disk folders).
+        format: "auto" (detect per file) or a name in schemas.raw.FORMAT_NAMES.
+        dedup: skip exact duplicates (same content_hash of the messages).
+        report: filled in as the stream is consumed: one row per input (read, accepted, rejected by reason...).
+        batch_size: rows read and validated at a time.
+    Returns:
+        an iterator of Conversation and Reject, in input order.
+    Raises:
+        InputError: an input is missing, unreadable or of undetectable format (raised when reached).
+
+    >>> report = Report("pack")
+    >>> items = list(iter_conversations("examples/openai.jsonl", report=report))  # doctest: +SKIP
+    >>> report.rows[0].kind, report.total.balanced  # doctest: +SKIP
+    ('openai (auto)', True)
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    report = report if report is not None else Report("convert")
+    for _, results, _ in _outcomes(expand_inputs(paths), format, dedup, report, batch_size):
+        for r in results:
+            yield r if r.__class__ is Reject else to_conversation(r)  # type: ignore[misc,arg-type]
+
+
+def default_rejects_path(output: str) -> str:
+    """The rejects file beside an output: `out.jsonl` -> `out.rejects.jsonl`.
+
+    >>> default_rejects_path("data/out.parquet")
+    'data/out.rejects.jsonl'
+    """
+    root, ext = os.path.splitext(output)
+    return (root if ext.lower() in (".jsonl", ".json", ".parquet", ".pq") else output) + ".rejects.jsonl"
+
+
+def is_parquet(output: str) -> bool:
+    """True when the output path asks for Parquet (`.parquet` or `.pq`), else JSON Lines is written."""
+    return output.lower().endswith((".parquet", ".pq"))
+
+
+def convert_files(config: ConvertConfig, progress: bool = False) -> Report:
+    """Read, validate and convert every input, writing conversations and rejects atomically.
+
+    Args:
+        config: inputs, output, format, rejects path, overwrite, strict, dedup.
+        progress: show a rich progress bar (on stderr) once the run takes more than half a second.
+    Returns:
+        the Report (per-file counts; `outputs` names the files written).
+    Raises:
+        InputError: unusable input (missing, unreadable, undetectable format).
+        OutputExistsError: an output exists and `overwrite` is off, or an output is an input.
+        AccountingError: read != accepted + rejected + deduplicated (a bug).
+
+    >>> report = convert_files(ConvertConfig(inputs=["examples/alpaca.json"], output="/tmp/a.jsonl"))  # doctest: +SKIP
+    >>> report.total.accepted  # doctest: +SKIP
+    11
+    """
+    inputs = expand_inputs(config.inputs)
+    rejects = config.rejects or default_rejects_path(config.output)
+    if os.path.abspath(rejects) == os.path.abspath(config.output):
+        raise ConfigError(f"--rejects {rejects}: must differ from the output")
+    check_outputs([config.output, rejects], inputs, config.overwrite)
+    report = Report("prep convert", outputs={"conversations": config.output, "rejects": rejects})
+    parquet = is_parquet(config.output)
+    sink_type = ParquetSink if parquet else JsonlSink
+    with _ProgressBar(progress, inputs) as bar, sink_type(config.output) as sink, JsonlSink(rejects) as reject_sink, \
+            _gc_relaxed():
+        for path, results, done in _outcomes(inputs, config.format, config.dedup, report, BATCH_SIZE):
+            accepted = [r for r in results if r.__class__ is Accepted]
+            sink.write([to_conversation(a) for a in accepted] if parquet else [to_json_line(a) for a in accepted])
+            reject_sink.write([r.model_dump_json().encode() for r in results if r.__class__ is Reject])
+            bar.update(path, done)
+        report.check_accounting()
+        _check_written(report, sink.written, reject_sink.written)
+    return report
+
+
+def _check_written(report: Report, conversations: int, rejects: int) -> None:
+    """Cross-check the counters against what the sinks actually wrote."""
+    total = report.total
+    if conversations != total.accepted or rejects != total.rejected_total:
+        raise AccountingError(f"wrote {conversations} conversations and {rejects} rejects, but counted "
+                              f"{total.accepted} accepted and {total.rejected_total} rejected; this is a bug in prep")
+
+
+def check_strict(config: ConvertConfig, report: Report) -> None:
+    """Under `--strict`, fail when anything was rejected.
+
+    Raises:
+        PrepError: strict is on and at least one record was rejected.
+    """
+    rejected = report.total.rejected_total
+    if config.strict and rejected:
+        raise PrepError(f"{rejected} record(s) rejected and --strict is set; see {report.outputs['rejects']}")
+
+
+def build_config(**flags: Any) -> ConvertConfig:
+    """Build a ConvertConfig from CLI flags, turning validation errors into one ConfigError.
+
+    >>> build_config(inputs=["a.jsonl"], output="o.jsonl", format="auto").dedup
+    False
+    """
+    try:
+        return ConvertConfig(**flags)
+    except ValidationError as e:
+        d = e.errors(include_url=False)[0]
+        flag = "--" + "-".join(str(p) for p in d["loc"]) if d["loc"] else "options"
+        raise ConfigError(f"{flag}: {d['msg']}") from None
+
+
+def unified_json_schema() -> str:
+    """The JSON Schema of the unified form (what `prep schema` prints)."""
+    return json.dumps(Conversation.model_json_schema(), indent=2, ensure_ascii=False)
+
+
+@contextmanager
+def _gc_relaxed() -> Iterator[None]:
+    """Collect young objects rarely while converting.
+
+    The hot loop allocates millions of short-lived, acyclic objects; with the default threshold the
+    collector would run every 700 allocations and repeatedly walk the large live heap (a parsed
+    JSON array), which costs about a third of the run time.
+    """
+    old = gc.get_threshold()
+    gc.set_threshold(200_000, old[1], old[2])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+
+
+class _ProgressBar:
+    """A rich progress bar per input on stderr, shown only when the run lasts more than DELAY seconds."""
+
+    DELAY = 0.5
+
+    def __init__(self, enabled: bool, paths: list[str]):
+        self.enabled, self.paths = enabled, paths
+        self.start = time.monotonic()
+        self.progress: Any = None
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> "_ProgressBar":
+        return self
+
+    def update(self, path: str, done: float) -> None:
+        """Record that `done` (0..1) of `path` has been converted."""
+        if not self.enabled:
+            return
+        if self.progress is None:
+            if time.monotonic() - self.start < self.DELAY:
+                return
+            self._start()
+        self.progress.update(self.tasks[path], completed=done)
+
+    def _start(self) -> None:
+        """Create and start the rich Progress display."""
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                 TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        self.tasks = {p: self.progress.add_task(os.path.basename(p), total=1.0) for p in self.paths}
+        self.progress.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()

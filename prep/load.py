@@ -1,0 +1,339 @@
+"""Read prep shards: memory-mapped Arrow tables, a rank-aware torch Dataset, and a collator for packed rows.
+
+Imports only torch, pyarrow, numpy and the stdlib: the GPU machines have no pydantic and no datasets.
+
+Packed rows hold several whole examples. The model must not let one example attend to another, so
+`packed_attention_kwargs` turns each batch's `position_ids` (which restart at 0 at every example) into the
+boundaries the attention path takes: a 4D block-diagonal causal mask for sdpa/eager, `cu_seq_lens` for
+flash-attention varlen kernels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from prep.errors import ConfigError, ShardError
+
+FORMAT = "prep-shards"
+FORMAT_VERSION = 1
+IGNORE_INDEX = -100
+SHARD_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lengths")
+LIST_INT32 = pa.list_(pa.int32())
+MASK_PATHS = ("sdpa", "eager")  # take an explicit 4D block-diagonal causal mask
+VARLEN_PATHS = ("flash_attention_2", "flash_attention_3")  # take cu_seq_lens on a padding-free batch
+
+
+@dataclass(frozen=True)
+class Shards:
+    """An opened shard folder: the manifest (plain dict), one memory-mapped table, and where the tokenizer is."""
+
+    path: Path
+    manifest: dict[str, Any]
+    table: pa.Table
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """Folder to pass to `AutoTokenizer.from_pretrained`."""
+        return self.path / self.manifest["tokenizer"].get("path", "tokenizer")
+
+    @property
+    def max_len(self) -> int:
+        """The longest row the shards may hold (the collator pads to this)."""
+        return int(self.manifest["max_len"])
+
+    @property
+    def pad_token_id(self) -> int:
+        """Pad id from the manifest, falling back to eos, then 0."""
+        tok = self.manifest["tokenizer"]
+        for key in ("pad_token_id", "eos_token_id"):
+            if tok.get(key) is not None:
+                return int(tok[key])
+        return 0
+
+    @property
+    def num_rows(self) -> int:
+        """Rows over all shards."""
+        return self.table.num_rows
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and check `manifest.json` of a shard folder (format, version, columns, shard files present).
+
+    Args:
+        path: the shard folder.
+    Returns:
+        The manifest as a plain dict.
+    Raises:
+        ShardError: missing/unreadable manifest, wrong format or version, missing columns or shard files.
+
+    >>> read_manifest("shards/")["format"]  # doctest: +SKIP
+    'prep-shards'
+    """
+    path = Path(path)
+    file = path / "manifest.json"
+    if not file.is_file():
+        hint = "the writer did not finish (manifest.json is written last); rerun `prep pack`" if path.is_dir() else "no such folder"
+        raise ShardError(f"{file}: not found: {hint}")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{file}: unreadable JSON: {e}") from e
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{file}: format is {manifest.get('format')!r}, expected {FORMAT!r}: not a prep shard folder")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(
+            f"{file}: format_version {manifest.get('format_version')!r}, this prep reads {FORMAT_VERSION}: "
+            "rewrite the shards with this version of `prep pack`"
+        )
+    _check_manifest_fields(file, manifest)
+    return manifest
+
+
+def _check_manifest_fields(file: Path, manifest: dict[str, Any]) -> None:
+    """Check the keys the loader relies on, the column list and that every shard file exists."""
+    for key in ("max_len", "packed", "tokenizer", "columns", "shards"):
+        if key not in manifest:
+            raise ShardError(f"{file}: missing key {key!r}")
+    missing = [c for c in SHARD_COLUMNS if c not in manifest["columns"]]
+    if missing:
+        raise ShardError(f"{file}: columns {manifest['columns']} lack {missing}; expected {list(SHARD_COLUMNS)}")
+    if not manifest["shards"]:
+        raise ShardError(f"{file}: lists no shard files")
+    for entry in manifest["shards"]:
+        if not (file.parent / entry["file"]).is_file():
+            raise ShardError(f"{file.parent / entry['file']}: listed in manifest.json but missing")
+
+
+def _open_shard(file: Path, rows: int) -> pa.Table:
+    """Memory-map one Arrow IPC stream file as a table without copying its buffers."""
+    try:
+        # The table's buffers point into the map, so the map must stay open as long as the table lives.
+        table = pa.ipc.open_stream(pa.memory_map(str(file), "r")).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ShardError(f"{file}: not a readable Arrow IPC stream ({e}); run `prep verify` or rewrite the shards") from e
+    if table.num_rows != rows:
+        raise ShardError(f"{file}: {table.num_rows} rows, manifest.json says {rows}: the folder mixes two runs")
+    return table
+
+
+def _check_columns(file: Path, table: pa.Table, expected: Sequence[str]) -> None:
+    """Every expected column is present, list<int32>, and null-free."""
+    for name in expected:
+        if name not in table.column_names:
+            raise ShardError(f"{file}: column {name!r} missing (has {table.column_names})")
+        col = table.column(name)
+        if col.type != LIST_INT32:
+            raise ShardError(f"{file}: column {name!r} is {col.type}, expected list<int32>")
+        if col.null_count:
+            raise ShardError(f"{file}: column {name!r} has {col.null_count} null rows")
+
+
+def load_shards(path: str | Path) -> Shards:
+    """Open a shard folder: validate the manifest, memory-map every shard, check column names and types.
+
+    Opening costs O(number of files + record batches), not O(data): no buffer is copied into memory,
+    and sha256 checks are left to `prep verify`.
+
+    Args:
+        path: folder written by `prep pack`.
+    Returns:
+        Shards(path, manifest, table) with one zero-copy table over all shard files, in manifest order.
+    Raises:
+        ShardError: see `read_manifest`; also unreadable files, row counts or column types that disagree.
+
+    >>> shards = load_shards("shards/")          # doctest: +SKIP
+    >>> shards.table.column_names[:2], shards.max_len  # doctest: +SKIP
+    (['input_ids', 'labels'], 2048)
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    tables = []
+    for entry in manifest["shards"]:
+        file = path / entry["file"]
+        table = _open_shard(file, int(entry["rows"]))
+        _check_columns(file, table, manifest["columns"])
+        tables.append(table)
+    try:
+        table = pa.concat_tables(tables)
+    except pa.ArrowInvalid as e:
+        raise ShardError(f"{path}: shard files have different schemas: {e}") from e
+    return Shards(path=path, manifest=manifest, table=table)
+
+
+class _ListColumn:
+    """Row access into a chunked list<int32> column through zero-copy numpy views of offsets and values."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self.starts = np.cumsum([0] + [len(c) for c in column.chunks])
+        self.offsets = [c.offsets.to_numpy() for c in column.chunks]
+        self.values = [c.values.to_numpy() for c in column.chunks]
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        k = int(np.searchsorted(self.starts, row, side="right")) - 1
+        i = row - self.starts[k]
+        return self.values[k][self.offsets[k][i] : self.offsets[k][i + 1]]
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rows of a shard folder as a map-style torch Dataset, shuffled per epoch and split across ranks.
+
+    Every epoch is a fresh permutation of all rows seeded by (seed, epoch), identical on every rank; rank r
+    takes positions r, r + world_size, ... of it, so ranks see disjoint rows and the same number of them
+    (the last `num_rows % world_size` rows of each epoch's permutation are skipped that epoch).
+    Call `set_epoch(e)` before each epoch, as with DistributedSampler.
+
+    Items are dicts of int64 tensors: input_ids, labels, position_ids, seq_lengths.
+
+    >>> ds = PackedDataset(load_shards("shards/"), rank=0, world_size=2, seed=0)  # doctest: +SKIP
+    >>> ds.set_epoch(1); sorted(ds[0])  # doctest: +SKIP
+    ['input_ids', 'labels', 'position_ids', 'seq_lengths']
+    """
+
+    def __init__(self, shards: Shards, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside 0..{world_size - 1}")
+        if shards.num_rows < world_size:
+            raise ShardError(f"{shards.path}: {shards.num_rows} rows cannot feed {world_size} ranks: pack more data")
+        self.shards, self.rank, self.world_size, self.seed, self.shuffle = shards, rank, world_size, seed, shuffle
+        self.columns = {name: _ListColumn(shards.table.column(name)) for name in SHARD_COLUMNS}
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the row order for `epoch` (deterministic in seed and epoch)."""
+        n = self.shards.num_rows
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        per_rank = n // self.world_size
+        self.epoch = epoch
+        self.rows = order[self.rank : per_rank * self.world_size : self.world_size]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = int(self.rows[index])
+        return {name: torch.from_numpy(col[row].astype(np.int64)) for name, col in self.columns.items()}
+
+
+def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """A (batch, 1, len, len) causal mask that is block-diagonal over the examples of each row.
+
+    An example starts wherever position_ids is 0, so padding built as its own 0..k run is its own block.
+    bool (True = attend) for sdpa; for eager pass a float dtype: 0 where allowed, dtype min elsewhere
+    (eager adds the mask to the scores, so a bool mask would be silently wrong there).
+
+    >>> block_causal_mask(torch.tensor([[0, 1, 0]]))[0, 0].int().tolist()
+    [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    """
+    doc = (position_ids == 0).cumsum(dim=1)
+    same_doc = doc[:, :, None] == doc[:, None, :]
+    idx = torch.arange(position_ids.shape[1], device=position_ids.device)
+    mask = (same_doc & (idx[None, :, None] >= idx[None, None, :]))[:, None]
+    if dtype == torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def cu_seq_lens(position_ids: torch.Tensor) -> torch.Tensor:
+    """Cumulative example lengths of a flattened (1, total) batch, int32, for flash-attention varlen kernels.
+
+    >>> cu_seq_lens(torch.tensor([[0, 1, 2, 0, 1, 0]])).tolist()
+    [0, 3, 5, 6]
+    """
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().reshape(-1)
+    end = torch.tensor([flat.numel()], device=flat.device)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
+def packed_attention_kwargs(
+    position_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """Keyword arguments that keep packed examples apart on the given transformers attention path.
+
+    sdpa/eager: `attention_mask` = 4D block-diagonal causal mask (bool for sdpa, additive `dtype` for eager).
+    flash_attention_2/3: `cu_seq_lens_q/k` and `max_length_q/k`; needs a padding-free (1, total) batch.
+
+    Raises:
+        ConfigError: another attention path (its isolation of packed examples is not guaranteed here),
+            or a flash path with more than one row.
+
+    >>> sorted(packed_attention_kwargs(torch.tensor([[0, 1, 0]]), "flash_attention_2"))
+    ['cu_seq_lens_k', 'cu_seq_lens_q', 'max_length_k', 'max_length_q']
+    """
+    if attn_implementation in MASK_PATHS:
+        mask_dtype = torch.bool if attn_implementation == "sdpa" else dtype
+        return {"attention_mask": block_causal_mask(position_ids, mask_dtype)}
+    if attn_implementation in VARLEN_PATHS:
+        if position_ids.shape[0] != 1:
+            raise ConfigError(
+                f"{attn_implementation} keeps packed examples apart only on a padding-free (1, total) batch, got "
+                f"{position_ids.shape[0]} rows: use Collator(..., padding_free=True)"
+            )
+        cu = cu_seq_lens(position_ids)
+        longest = int((cu[1:] - cu[:-1]).max())
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    raise ConfigError(
+        f"attn_implementation {attn_implementation!r} cannot be given explicit packed-example boundaries, so "
+        f"examples in a packed row could attend to each other; use one of {list(MASK_PATHS + VARLEN_PATHS)}"
+    )
+
+
+class Collator:
+    """Collate shard rows into model inputs: input_ids, labels, position_ids (+ boundaries on request).
+
+    Default (static shapes): every row is padded to `max_len`. The pad tail gets input_ids = pad_id,
+    labels = -100 and position_ids 0..k-1, i.e. it is its own fake example, so under a block-diagonal mask
+    pad tokens attend only to each other and no real token attends to them.
+    padding_free=True: rows are concatenated into one (1, total) row, with cu_seq_lens_q/k and
+    max_length_q/k for flash-attention varlen kernels.
+    attn_implementation: if given, also add `packed_attention_kwargs` (e.g. the 4D mask for sdpa), so that
+    `model(**batch)` is isolated as is (HF Trainer); leave it None to build masks on the device instead.
+    Labels at every example start (position 0) are set to -100, as the shard contract already requires.
+
+    >>> c = Collator(max_len=4, pad_id=0)
+    >>> c([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 0]}])["position_ids"].tolist()
+    [[0, 1, 0, 0]]
+    """
+
+    def __init__(self, max_len: int, pad_id: int, padding_free: bool = False, attn_implementation: str | None = None):
+        self.max_len, self.pad_id, self.padding_free = max_len, pad_id, padding_free
+        self.attn_implementation = attn_implementation
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        ids, labels, pos = ([torch.as_tensor(r[k], dtype=torch.long) for r in rows] for k in ("input_ids", "labels", "position_ids"))
+        too_long = [len(x) for x in ids if len(x) > self.max_len]
+        if too_long:
+            raise ShardError(f"row of {too_long[0]} tokens exceeds max_len {self.max_len}: pass the shards' max_len")
+        if self.padding_free:
+            batch = {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None], "position_ids": torch.cat(pos)[None]}
+        else:
+            batch = {
+                "input_ids": self._pad(ids, lambda n: torch.full((n,), self.pad_id)),
+                "labels": self._pad(labels, lambda n: torch.full((n,), IGNORE_INDEX)),
+                "position_ids": self._pad(pos, torch.arange),
+            }
+        batch["labels"][batch["position_ids"] == 0] = IGNORE_INDEX
+        if self.padding_free:
+            batch.update(packed_attention_kwargs(batch["position_ids"], "flash_attention_2"))
+        if self.attn_implementation and not (self.padding_free and self.attn_implementation in VARLEN_PATHS):
+            batch.update(packed_attention_kwargs(batch["position_ids"], self.attn_implementation))
+        return batch
+
+    def _pad(self, seqs: list[torch.Tensor], tail) -> torch.Tensor:
+        """Stack `seqs` into (batch, max_len), filling each row's tail with `tail(n)`."""
+        return torch.stack([torch.cat([s, tail(self.max_len - len(s)).to(torch.long)]) for s in seqs])
+
+
+def iter_rows(shards: Shards) -> Iterator[dict[str, np.ndarray]]:
+    """Every row in file order as dict of zero-copy int32 numpy arrays (for inspection and tests)."""
+    columns = {name: _ListColumn(shards.table.column(name)) for name in SHARD_COLUMNS}
+    for row in range(shards.num_rows):
+        yield {name: col[row] for name, col in columns.items()}

@@ -1,0 +1,290 @@
+"""Read input files into batches of raw rows: no checks beyond "can the bytes be read".
+
+Supported inputs: `.jsonl` / `.ndjson` (one JSON value per line), `.json` (an array, or an object
+holding one list), gzip of any of these (`.gz`), `.parquet`, `.csv`, and a folder written by
+`datasets.Dataset.save_to_disk`. Several paths and globs are expanded and sorted, so the same
+arguments always read the same rows in the same order.
+
+JSON Lines payloads stay `bytes` (validated later straight from the bytes); the other formats give
+`dict` rows. JSON Lines, Parquet, CSV and save_to_disk folders are streamed in batches; a `.json`
+array is parsed whole (a single JSON value cannot be streamed cheaply).
+
+Line numbers: 1-based file lines for JSON Lines, 0-based row indices for everything else.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import io
+import json
+import os
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import pydantic_core
+
+from prep.errors import InputError
+
+BATCH_SIZE = 2048
+SUPPORTED = ".jsonl, .ndjson, .json, .csv (each optionally .gz), .parquet, or a datasets.save_to_disk folder"
+_BOM = b"\xef\xbb\xbf"
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+class RawRow(NamedTuple):
+    """One record as read: its file, its line (JSONL, 1-based) or row (others, 0-based), its payload."""
+
+    path: str
+    line: int
+    payload: bytes | dict[str, Any]
+
+
+class RawBatch(NamedTuple):
+    """Consecutive rows of one file; `done` is the fraction of the file read so far (for progress)."""
+
+    path: str
+    lines: list[int]
+    payloads: list[Any]
+    done: float
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Expand globs, drop repeats and sort, so the same arguments always give the same order.
+
+    Args:
+        inputs: file or folder paths and glob patterns (`data/**/*.jsonl`).
+    Returns:
+        the matching paths, sorted.
+    Raises:
+        InputError: a path does not exist or a glob matches nothing.
+
+    >>> expand_inputs(["b.jsonl", "a.jsonl"])  # doctest: +SKIP
+    ['a.jsonl', 'b.jsonl']
+    """
+    found: set[str] = set()
+    for item in inputs:
+        text = os.fspath(item)
+        if os.path.exists(text):
+            found.add(os.path.normpath(text))
+        elif glob.has_magic(text):
+            matches = glob.glob(text, recursive=True)
+            if not matches:
+                raise InputError("no file matches this pattern", path=text)
+            found.update(os.path.normpath(m) for m in matches)
+        else:
+            raise InputError("no such file or folder", path=text)
+    return sorted(found)
+
+
+def input_kind(path: str) -> str:
+    """Name the reader for a path: `jsonl`, `json`, `csv`, `parquet` or `saved` (save_to_disk folder).
+
+    Raises:
+        InputError: the extension is not supported or the folder is not a save_to_disk folder.
+
+    >>> input_kind("data/train.jsonl.gz")
+    'jsonl'
+    """
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "dataset_dict.json")):
+            raise InputError("this is a DatasetDict folder; pass one split's folder (e.g. PATH/train)", path=path)
+        if not os.path.exists(os.path.join(path, "state.json")):
+            raise InputError(f"folder is not a datasets.save_to_disk folder (no state.json); expected {SUPPORTED}", path=path)
+        return "saved"
+    name = path.lower().removesuffix(".gz")
+    for suffix, kind in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".csv", "csv")):
+        if name.endswith(suffix):
+            return kind
+    if name.endswith(".parquet") and not path.lower().endswith(".gz"):
+        return "parquet"
+    raise InputError(f"unsupported file type; expected {SUPPORTED}", path=path)
+
+
+def read_batches(path: str, batch_size: int = BATCH_SIZE) -> Iterator[RawBatch]:
+    """Read one input in batches of at most `batch_size` rows.
+
+    Args:
+        path: a file or save_to_disk folder (see the module docstring for the formats).
+        batch_size: rows per batch.
+    Returns:
+        an iterator of RawBatch; JSONL payloads are bytes (one line, newline included), others dicts.
+    Raises:
+        InputError: the file cannot be read (corrupt gzip or Parquet, a `.json` that is not JSON...).
+
+    >>> [b.lines for b in read_batches("examples/sharegpt.jsonl", 4)][:2]  # doctest: +SKIP
+    [[1, 2, 3, 4], [5, 6, 7, 8]]
+    """
+    kind = input_kind(path)
+    readers = {"jsonl": _jsonl_batches, "json": _json_batches, "csv": _csv_batches,
+               "parquet": _parquet_batches, "saved": _saved_batches}
+    return readers[kind](path, batch_size)
+
+
+def read_rows(paths: Iterable[str | os.PathLike[str]], batch_size: int = BATCH_SIZE) -> Iterator[RawRow]:
+    """Read every row of every input, in sorted path order.
+
+    >>> next(read_rows(["examples/alpaca.json"])).line  # doctest: +SKIP
+    0
+    """
+    for path in expand_inputs(paths):
+        for batch in read_batches(path, batch_size):
+            for line, payload in zip(batch.lines, batch.payloads):
+                yield RawRow(batch.path, line, payload)
+
+
+@contextmanager
+def _open_bytes(path: str) -> Iterator[tuple[IO[bytes], IO[bytes]]]:
+    """Open a file for binary reading, gunzipping `.gz`; yields (stream, raw file for tell())."""
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise InputError(f"cannot open: {e.strerror}", path=path) from None
+    with raw:
+        if path.lower().endswith(".gz"):
+            # BufferedReader: GzipFile's own line iteration is several times slower.
+            with io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), 1 << 20) as stream:
+                yield stream, raw
+        else:
+            yield raw, raw
+
+
+def _jsonl_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
+    """JSON Lines: one payload per non-blank line; blank lines are skipped but keep their numbers."""
+    size = max(os.path.getsize(path), 1)
+    with _open_bytes(path) as (stream, raw):
+        lines: list[int] = []
+        payloads: list[bytes] = []
+        number = 0
+        try:
+            for number, line in enumerate(stream, 1):
+                if number == 1 and line.startswith(_BOM):
+                    line = line[len(_BOM):]
+                if line.isspace():
+                    continue
+                lines.append(number)
+                payloads.append(line)
+                if len(payloads) == batch_size:
+                    yield RawBatch(path, lines, payloads, raw.tell() / size)
+                    lines, payloads = [], []
+        except _GZIP_ERRORS as e:
+            raise InputError(f"corrupt or truncated gzip after line {number} ({e})", path=path) from None
+        except OSError as e:
+            raise InputError(f"read failed after line {number} ({e})", path=path) from None
+        if payloads:
+            yield RawBatch(path, lines, payloads, 1.0)
+
+
+def _json_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
+    """A JSON array (or an object holding one list), parsed whole; a `.json` holding JSON Lines is read as such."""
+    with _open_bytes(path) as (stream, _):
+        try:
+            data = stream.read()
+        except _GZIP_ERRORS as e:
+            raise InputError(f"corrupt or truncated gzip ({e})", path=path) from None
+    if data.startswith(_BOM):
+        data = data[len(_BOM):]
+    try:
+        value = pydantic_core.from_json(data)
+    except ValueError as e:
+        if _looks_like_jsonl(data):
+            yield from _jsonl_batches(path, batch_size)
+            return
+        raise InputError(f"not valid JSON ({e}); a .json file must hold one array or object", path=path) from None
+    rows = _records_of(value, path)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        yield RawBatch(path, list(range(start, start + len(chunk))), chunk, (start + len(chunk)) / len(rows))
+
+
+def _looks_like_jsonl(data: bytes) -> bool:
+    """True when the first line alone is a JSON object (a JSON Lines file named .json)."""
+    first = data.split(b"\n", 1)[0]
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:
+        return False
+
+
+def _records_of(value: Any, path: str) -> list[Any]:
+    """The list of records in a parsed `.json`: the array itself, or the one list inside an object."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        lists = [k for k, v in value.items() if isinstance(v, list)]
+        if len(lists) == 1:
+            return value[lists[0]]
+        keys = ", ".join(sorted(value)[:10])
+        if not lists:
+            raise InputError(f"JSON object holds no list of records (keys: {keys})", path=path)
+        raise InputError(f"JSON object holds several lists ({', '.join(lists)}); keep one", path=path)
+    raise InputError(f"JSON holds a {type(value).__name__}, expected an array of records", path=path)
+
+
+def _csv_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
+    """CSV with a header row; cells missing from a short row are left out (a missing field, not None)."""
+    size = max(os.path.getsize(path), 1)
+    with _open_bytes(path) as (stream, raw):
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+        reader = csv.DictReader(text)
+        lines: list[int] = []
+        rows: list[dict[str, Any]] = []
+        index = -1
+        try:
+            for index, row in enumerate(reader):
+                rows.append({k: v for k, v in row.items() if k is not None and v is not None})
+                lines.append(index)
+                if len(rows) == batch_size:
+                    yield RawBatch(path, lines, rows, raw.tell() / size)
+                    lines, rows = [], []
+        except UnicodeDecodeError as e:
+            raise InputError(f"not UTF-8 after row {index} ({e.reason} at byte {e.start})", path=path) from None
+        except csv.Error as e:
+            raise InputError(f"malformed CSV after row {index} ({e})", path=path) from None
+        except _GZIP_ERRORS as e:
+            raise InputError(f"corrupt or truncated gzip after row {index} ({e})", path=path) from None
+        if rows:
+            yield RawBatch(path, lines, rows, 1.0)
+
+
+def _parquet_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
+    """Parquet, streamed by record batch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        total = max(parquet.metadata.num_rows, 1)
+        start = 0
+        for batch in parquet.iter_batches(batch_size=batch_size):
+            rows = batch.to_pylist()
+            yield RawBatch(path, list(range(start, start + len(rows))), rows, (start + len(rows)) / total)
+            start += len(rows)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"unreadable Parquet ({e})", path=path) from None
+
+
+def _saved_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
+    """A `datasets.save_to_disk` folder: its Arrow stream files in the order state.json lists them."""
+    import pyarrow as pa
+
+    try:
+        state = json.loads(Path(path, "state.json").read_text())
+        files = [Path(path, f["filename"]) for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"unreadable state.json ({e})", path=path) from None
+    start = 0
+    for number, file in enumerate(files, 1):
+        try:
+            with pa.memory_map(str(file)) as source:
+                for record_batch in pa.ipc.open_stream(source):
+                    for offset in range(0, record_batch.num_rows, batch_size):
+                        rows = record_batch.slice(offset, batch_size).to_pylist()
+                        yield RawBatch(path, list(range(start, start + len(rows))), rows, (number - 1) / len(files))
+                        start += len(rows)
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"unreadable Arrow file {file.name} ({e})", path=path) from None

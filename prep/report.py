@@ -1,0 +1,160 @@
+"""Counters for a stage run, per input and in total, and their rendering as a rich Table.
+
+Every stage that drops records counts them here by reason, and `check_accounting` proves that
+nothing vanished: for every row, read == accepted + rejected + deduplicated.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from prep.errors import AccountingError
+
+
+@dataclass
+class Counts:
+    """What happened to the records of one input (or of all inputs).
+
+    `events` counts changes to records that were kept (e.g. `merged_turns`); they are not drops.
+
+    >>> c = Counts(read=3, accepted=1, rejected=Counter(empty_response=2))
+    >>> c.balanced, c.rejected_total
+    (True, 2)
+    """
+
+    read: int = 0
+    accepted: int = 0
+    deduplicated: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    events: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def rejected_total(self) -> int:
+        """All rejected records, whatever the reason."""
+        return sum(self.rejected.values())
+
+    @property
+    def balanced(self) -> bool:
+        """True when every record read was accepted, rejected or deduplicated."""
+        return self.read == self.accepted + self.rejected_total + self.deduplicated
+
+    def add(self, other: "Counts") -> None:
+        """Add another Counts into this one."""
+        self.read += other.read
+        self.accepted += other.accepted
+        self.deduplicated += other.deduplicated
+        self.rejected.update(other.rejected)
+        self.events.update(other.events)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form, keys sorted (for manifests)."""
+        return {"read": self.read, "accepted": self.accepted, "deduplicated": self.deduplicated,
+                "rejected": dict(sorted(self.rejected.items())), "events": dict(sorted(self.events.items()))}
+
+
+@dataclass
+class ReportRow:
+    """One input: its name (path), its kind (format, `alpaca (auto)` when detected) and counts."""
+
+    name: str
+    kind: str
+    counts: Counts = field(default_factory=Counts)
+
+
+@dataclass
+class Report:
+    """A stage's result: one row per input, the outputs written, and the totals.
+
+    >>> r = Report("convert")
+    >>> r.add_row("a.jsonl", "alpaca").read = 2
+    >>> r.total.read
+    2
+    """
+
+    title: str
+    rows: list[ReportRow] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def add_row(self, name: str, kind: str) -> Counts:
+        """Start a row for one input and return its Counts to fill in."""
+        row = ReportRow(name, kind)
+        self.rows.append(row)
+        return row.counts
+
+    @property
+    def total(self) -> Counts:
+        """The sum over all rows."""
+        total = Counts()
+        for row in self.rows:
+            total.add(row.counts)
+        return total
+
+    def check_accounting(self) -> None:
+        """Raise AccountingError unless every row balances (read == accepted + rejected + deduplicated)."""
+        for row in self.rows:
+            c = row.counts
+            if not c.balanced:
+                raise AccountingError(
+                    f"{row.name}: read {c.read} != accepted {c.accepted} + rejected {c.rejected_total}"
+                    f" + deduplicated {c.deduplicated}; this is a bug in prep, please report it"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form: title, rows, total and outputs."""
+        return {"title": self.title, "outputs": dict(self.outputs), "total": self.total.to_dict(),
+                "rows": [{"name": r.name, "kind": r.kind, **r.counts.to_dict()} for r in self.rows]}
+
+
+def render_report(report: Report) -> Any:
+    """Render a Report as a rich Table: one line per input, then the total.
+
+    Returns:
+        a `rich.table.Table` (print it with a rich Console).
+
+    >>> from rich.console import Console
+    >>> Console(width=120).print(render_report(Report("convert")))  # doctest: +SKIP
+    """
+    from rich.table import Table
+
+    names = [r.name for r in report.rows]
+    base = _common_folder(names)
+    title = f"{report.title} (inputs under {base}/)" if base else report.title
+    table = Table(title=title, title_justify="left")
+    table.add_column("input", overflow="fold", ratio=3)
+    table.add_column("format", overflow="fold", ratio=1)
+    for name in ("read", "accepted", "rejected", "dedup"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("rejected by reason", overflow="fold", ratio=2)
+    table.add_column("changes (kept)", overflow="fold", ratio=2)
+    for row in report.rows:
+        table.add_row(*_cells(row.name[len(base) + 1:] if base else row.name, row.kind, row.counts))
+    if len(report.rows) != 1:
+        table.add_section()
+        table.add_row(*_cells("total", "", report.total), style="bold")
+    return table
+
+
+def _common_folder(paths: list[str]) -> str:
+    """The folder all paths share ("" when none or only one path), to shorten the input column."""
+    import os
+
+    if len(paths) < 2:
+        return ""
+    try:
+        base = os.path.commonpath(paths)
+    except ValueError:
+        return ""
+    return base if base and all(p.startswith(base + os.sep) for p in paths) else ""
+
+
+def _cells(name: str, kind: str, c: Counts) -> list[str]:
+    """One table line."""
+    return [name, kind, f"{c.read:,}", f"{c.accepted:,}", f"{c.rejected_total:,}", f"{c.deduplicated:,}",
+            _pairs(c.rejected), _pairs(c.events)]
+
+
+def _pairs(counter: Counter[str]) -> str:
+    """`reason=count` pairs, most frequent first, ties by name."""
+    return ", ".join(f"{k}={v:,}" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))

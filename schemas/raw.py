@@ -1,0 +1,172 @@
+"""Raw input formats: one frozen Pydantic model per format, validated at Rust speed.
+
+Each model accepts what real datasets contain; top-level keys a model does not name are kept
+(`extra="allow"`) and end up in the unified record's `meta`, so nothing is lost. Keys inside a
+message other than those named here are ignored. The TypeAdapters are built once, here.
+
+Formats and the keys that identify them (see `detect` in prep/validate.py):
+
+- `alpaca`: `instruction`, `input` (or Dolly's `context`), `output` (or `response`), optional
+  `system` and LLaMA-Factory `history` pairs.
+- `sharegpt`: `conversations: [{from, value}]` (also `{role, content}`), optional `system`.
+- `openai`: `messages: [{role, content}]`, tool roles and `tool_calls` included.
+- `transcript`: one text field (`text` or hh-rlhf's `chosen`) holding a whole dialogue.
+- `unified`: prep's own output form (schemas/conversation.py); it converts to itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, Json, TypeAdapter, model_validator
+from pydantic_core import PydanticCustomError
+
+from schemas.conversation import Message, SourceRef
+
+FormatName = Literal["alpaca", "sharegpt", "openai", "transcript", "unified"]
+FORMAT_NAMES: tuple[str, ...] = ("alpaca", "sharegpt", "openai", "transcript", "unified")
+
+# Role aliases seen in the wild, mapped to the unified roles. Tool traffic is folded into the
+# dialogue: a tool *call* is something the assistant says, a tool *result* is input to it.
+USER_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant", "chatgpt", "bing", "bard", "model", "claude", "ai", "bot")
+TOOL_CALL_ROLES = ("function_call", "tool_call")
+TOOL_RESULT_ROLES = ("observation", "tool", "function", "ipython")
+ROLE_MAP: dict[str, str] = {
+    **{r: "user" for r in USER_ROLES + TOOL_RESULT_ROLES},
+    **{r: "assistant" for r in ASSISTANT_ROLES + TOOL_CALL_ROLES},
+    "system": "system",
+}
+TOOL_ROLES = frozenset(TOOL_CALL_ROLES + TOOL_RESULT_ROLES)
+
+ShareGPTRole = Literal[
+    "human", "user", "gpt", "assistant", "chatgpt", "bing", "bard", "model", "claude", "ai", "bot",
+    "function_call", "tool_call", "observation", "tool", "function", "ipython", "system",
+]
+OpenAIRole = Literal["system", "user", "assistant", "tool", "function"]
+
+# Alternative key names, used to word "missing field" errors ("output (or response)").
+FIELD_ALIASES: dict[str, tuple[str, ...]] = {
+    "output": ("response",),
+    "input": ("context",),
+    "from": ("role",),
+    "value": ("content",),
+}
+
+_RECORD = ConfigDict(frozen=True, extra="allow")
+_ITEM = ConfigDict(frozen=True, extra="ignore")
+
+
+class AlpacaRecord(BaseModel):
+    """An instruction/response pair (Alpaca, Dolly `context`/`response`, GPTeacher `response`).
+
+    >>> AlpacaRecord.model_validate({"instruction": "Add", "context": "2+2", "response": "4"}).output
+    '4'
+    """
+
+    model_config = _RECORD
+
+    instruction: str
+    input: str | None = Field("", validation_alias=AliasChoices("input", "context"))
+    output: str = Field(validation_alias=AliasChoices("output", "response"))
+    system: str | None = None
+    history: list[tuple[str, str]] = Field(default_factory=list)
+
+
+class ShareGPTTurn(BaseModel):
+    """One ShareGPT message: `from` (a role alias) and `value`."""
+
+    model_config = _ITEM
+
+    from_: ShareGPTRole = Field(validation_alias=AliasChoices("from", "role"))
+    value: str = Field(validation_alias=AliasChoices("value", "content"))
+
+
+class ShareGPTRecord(BaseModel):
+    """A ShareGPT conversation, optionally with a `system` prompt and glaive-style `tools`.
+
+    >>> ShareGPTRecord.model_validate({"conversations": [{"from": "human", "value": "hi"}]}).conversations[0].from_
+    'human'
+    """
+
+    model_config = _RECORD
+
+    conversations: list[ShareGPTTurn]
+    system: str | None = None
+
+
+class OpenAIMessage(BaseModel):
+    """One OpenAI chat message; assistant tool calls may come without content."""
+
+    model_config = _ITEM
+
+    role: OpenAIRole
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
+
+
+class OpenAIRecord(BaseModel):
+    """An OpenAI chat-format record: `messages: [{role, content}]`.
+
+    >>> OpenAIRecord.model_validate({"messages": [{"role": "user", "content": "hi"}]}).messages[0].role
+    'user'
+    """
+
+    model_config = _RECORD
+
+    messages: list[OpenAIMessage]
+
+
+class TranscriptRecord(BaseModel):
+    """A whole dialogue in one string: `text`, or hh-rlhf's `chosen` (its `rejected` is kept in meta).
+
+    >>> TranscriptRecord.model_validate({"chosen": "\\n\\nHuman: hi\\n\\nAssistant: hello"}).key
+    'chosen'
+    """
+
+    model_config = _RECORD
+
+    text: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+
+    @model_validator(mode="after")
+    def _needs_text(self) -> "TranscriptRecord":
+        if self.text is None and self.chosen is None:
+            raise PydanticCustomError("missing", "Field required: 'text' (or 'chosen')")
+        return self
+
+    @property
+    def key(self) -> str:
+        """The field that holds the transcript: `text` when present, else `chosen`."""
+        return "text" if self.text is not None else "chosen"
+
+
+class UnifiedRecord(BaseModel):
+    """prep's own output read back (JSONL, or Parquet where `meta` is a JSON string).
+
+    >>> UnifiedRecord.model_validate({"id": "a", "messages": [], "meta": '{"k": 1}'}).meta
+    {'k': 1}
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    source: SourceRef | None = None
+    messages: list[Message]
+    meta: dict[str, Any] | Json[dict[str, Any]] = Field(default_factory=dict)
+
+
+RawRecord = AlpacaRecord | ShareGPTRecord | OpenAIRecord | TranscriptRecord | UnifiedRecord
+
+RAW_MODELS: dict[str, type[BaseModel]] = {
+    "alpaca": AlpacaRecord,
+    "sharegpt": ShareGPTRecord,
+    "openai": OpenAIRecord,
+    "transcript": TranscriptRecord,
+    "unified": UnifiedRecord,
+}
+# One adapter per record and one per batch (a list), so a clean batch is validated in one Rust call.
+RECORD_ADAPTERS: dict[str, TypeAdapter[Any]] = {name: TypeAdapter(m) for name, m in RAW_MODELS.items()}
+BATCH_ADAPTERS: dict[str, TypeAdapter[Any]] = {name: TypeAdapter(list[m]) for name, m in RAW_MODELS.items()}

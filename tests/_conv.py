@@ -1,0 +1,87 @@
+"""Test helpers: the real data and tokenizers in ../shared/data, as unified Conversations.
+
+The converter is another stage; these helpers build Conversations directly from the raw JSON with the
+documented mappings (Alpaca: user = instruction, or instruction + "\\n\\n" + input; ShareGPT:
+human → user, gpt → assistant), skipping records that break the turn rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from schemas.conversation import Conversation, Message, SourceRef, conversation_problems
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+TOKENIZERS = DATA / "tokenizers"
+TOKENIZER_NAMES = ("gpt2-dialogpt-small", "mistral-7b-instruct-v0.3", "smollm2-135m", "qwen2-1.5b-instruct-boundless")
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def have_data() -> bool:
+    """True when ../shared/data is present."""
+    return (DATA / "alpaca" / "alpaca_en_demo.json").is_file()
+
+
+@lru_cache(maxsize=None)
+def alpaca(name: str = "alpaca_en_demo.json", limit: int | None = None) -> tuple[Conversation, ...]:
+    """Alpaca records (`output` or `response` key) as single-turn Conversations."""
+    path = DATA / "alpaca" / name
+    records = json.loads(path.read_text(encoding="utf-8"))[:limit]
+    out = []
+    for row, r in enumerate(records):
+        user = r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")
+        answer = r.get("output", r.get("response", ""))
+        messages = [Message(role="user", content=user), Message(role="assistant", content=answer)]
+        if not conversation_problems(messages):
+            out.append(_conversation(f"{path.stem}-{row}", messages, path, row, "alpaca"))
+    return tuple(out)
+
+
+@lru_cache(maxsize=None)
+def sharegpt(limit: int | None = None, min_messages: int = 0) -> tuple[Conversation, ...]:
+    """The real multi-turn ShareGPT chats (sharegpt_zh_1K_format.jsonl) that follow the turn rules."""
+    path = DATA / "sharegpt" / "sharegpt_zh_1K_format.jsonl"
+    out = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        turns = json.loads(line)["conversations"]
+        messages = [Message(role=_SHAREGPT_ROLES[t["from"]], content=t["value"]) for t in turns]
+        if len(messages) >= min_messages and not conversation_problems(messages):
+            out.append(_conversation(f"sharegpt-{line_no}", messages, path, line_no, "sharegpt"))
+        if limit is not None and len(out) >= limit:
+            break
+    return tuple(out)
+
+
+@lru_cache(maxsize=None)
+def kto(limit: int | None = None) -> tuple[Conversation, ...]:
+    """kto_en_demo (OpenAI messages) as Conversations."""
+    path = DATA / "messages" / "kto_en_demo.json"
+    out = []
+    for row, r in enumerate(json.loads(path.read_text(encoding="utf-8"))[:limit]):
+        messages = [Message(role=m["role"], content=m["content"]) for m in r["messages"]]
+        if not conversation_problems(messages):
+            out.append(_conversation(f"kto-{row}", messages, path, row, "openai"))
+    return tuple(out)
+
+
+def with_system(conv: Conversation, system: str = "You are a careful assistant.") -> Conversation:
+    """The same conversation with a system prompt in front."""
+    return conv.model_copy(update={"messages": [Message(role="system", content=system), *conv.messages]})
+
+
+def _conversation(cid: str, messages: list[Message], path: Path, line: int, fmt: str) -> Conversation:
+    """A Conversation with its source."""
+    return Conversation(id=cid, messages=messages, source=SourceRef(path=str(path), line=line, format=fmt))
+
+
+@lru_cache(maxsize=None)
+def tokenizer(name: str):
+    """A real tokenizer from ../shared/data/tokenizers, or the embedded default for "default"."""
+    from prep.tokenizer import default_tokenizer, load_tokenizer
+
+    return default_tokenizer() if name == "default" else load_tokenizer(str(TOKENIZERS / name))

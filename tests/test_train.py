@@ -1,0 +1,164 @@
+"""prep.train: a tiny model on real shards learns, logs, resumes exactly, saves a model transformers reloads."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+import prep.train as train
+from _shards import build_shards
+from prep.errors import ConfigError, OutputExistsError
+from prep.models import model_config
+from prep.train import TrainConfig, flops_per_token, get_lr, parse_args, peak_flops, train_model
+
+FAST = dict(batch_size=2, lr=3e-3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory):
+    return build_shards(tmp_path_factory.mktemp("train") / "shards", n_examples=120, max_len=256, num_shards=2)
+
+
+@pytest.fixture(scope="module")
+def trained(shards_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    final = train_model(TrainConfig(shards=str(shards_dir), out_dir=str(out), max_steps=30, batch_size=2, lr=3e-3, progress=True))
+    return out, final
+
+
+def read_metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_goes_down_over_a_few_dozen_steps(trained):
+    out, final = trained
+    losses = [m["loss"] for m in read_metrics(out)]
+    assert len(losses) == 30 and final["step"] == 30 and final["out_dir"] == str(out)
+    assert losses[0] == pytest.approx(math.log(49152), abs=0.3)  # random init: ~uniform over the vocabulary
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+
+
+def test_metrics_jsonl_has_one_line_per_step_with_the_documented_keys(trained):
+    metrics = read_metrics(trained[0])
+    assert [m["step"] for m in metrics] == list(range(1, 31))
+    for m in metrics:
+        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "trained_tokens", "examples", "tokens_per_s",
+                "trained_tokens_per_s", "step_time_s"} <= set(m)
+        assert 0 < m["trained_tokens"] <= m["tokens"] <= 2 * 256 and m["examples"] >= 2
+        assert "mfu" not in m  # CPU: no known peak, so MFU is omitted
+    lrs = [m["lr"] for m in metrics]
+    assert lrs[0] < lrs[1] == pytest.approx(3e-3)  # warmup (5% of 30 steps = 1 step), then the peak
+    assert lrs[-1] == pytest.approx(3e-4) and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # cosine to 10%
+
+
+def test_saved_model_reloads_and_generates(trained, shards_dir):
+    out = trained[0]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == len(AutoTokenizer.from_pretrained(shards_dir / "tokenizer"))
+    prompt = tokenizer("###instruction###\nGive three tips for staying healthy.\n###response###\n", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    assert isinstance(tokenizer.decode(generated[0]), str)
+    torch.testing.assert_close(load_file(out / "model.safetensors")["model.norm.weight"], model.model.norm.weight.detach())
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_gives_the_result_of_an_uninterrupted_run(shards_dir, tmp_path, monkeypatch):
+    run = dict(shards=str(shards_dir), max_steps=8, grad_accum=2, save_every=4, **FAST)
+    train_model(TrainConfig(out_dir=str(tmp_path / "a"), **run))
+
+    save = train.save_checkpoint
+
+    def save_then_crash(out_dir, step, *args, **kwargs):
+        save(out_dir, step, *args, **kwargs)
+        if step == 4:
+            raise Stop
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(Stop):
+        train_model(TrainConfig(out_dir=str(tmp_path / "b"), **run))
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    with pytest.raises(OutputExistsError, match="--resume"):
+        train_model(TrainConfig(out_dir=str(tmp_path / "b"), **run))
+    train_model(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **run))
+
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: model, optimizer, schedule and data position restored
+    assert read_metrics(tmp_path / "a") == [{**m, **{k: read_metrics(tmp_path / "a")[i][k] for k in ("tokens_per_s", "trained_tokens_per_s", "step_time_s")}}
+                                            for i, m in enumerate(read_metrics(tmp_path / "b"))]
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-0000004", "step-0000008"]
+
+
+def test_resume_refuses_a_changed_batch_size(shards_dir, tmp_path):
+    train_model(TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path), max_steps=1, save_every=1, **FAST))
+    with pytest.raises(ConfigError, match="batch_size=2, this run has 4"):
+        train_model(TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path), max_steps=2, resume=True, **{**FAST, "batch_size": 4}))
+
+
+def test_resume_without_checkpoint_is_an_error(shards_dir, tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train_model(TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path), max_steps=1, resume=True, **FAST))
+
+
+def test_marker_tokens_resize_a_pretrained_models_embeddings(tmp_path):
+    shards_dir = build_shards(tmp_path / "shards", n_examples=16, max_len=256, num_shards=1, markers=True)
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, tie_word_embeddings=True)).save_pretrained(base)
+    train_model(TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path / "out"), model=str(base), max_steps=2, **FAST))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.get_input_embeddings().num_embeddings == 49154 == len(AutoTokenizer.from_pretrained(tmp_path / "out"))
+
+
+def test_epochs_mode_runs_whole_accumulation_windows(shards_dir, tmp_path):
+    final = train_model(TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path), epochs=1, grad_accum=3, **{**FAST, "batch_size": 8}))
+    rows = json.loads((shards_dir / "manifest.json").read_text())["counts"]["rows"]
+    assert final["step"] == math.ceil(rows / 8) // 3
+
+
+def test_contaminating_attention_path_is_refused(shards_dir, tmp_path):
+    with pytest.raises(ConfigError, match="attend to each other"):
+        train_model(TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path), attn_implementation="flex_attention", max_steps=1, **FAST))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(shards=""), "no shards folder"),
+    (dict(batch_size=0), "--batch-size must be >= 1"),
+    (dict(warmup_ratio=1.0), "--warmup-ratio"),
+    (dict(precision="fp8"), "--precision 'fp8'"),
+    (dict(model_config="huge"), "unknown --model-config 'huge'"),
+])
+def test_bad_options_raise_config_error_naming_the_flag(shards_dir, tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        train_model(TrainConfig(**{"shards": str(shards_dir), "out_dir": str(tmp_path), "max_steps": 1, **FAST, **bad}))
+
+
+def test_get_lr_warmup_then_cosine():
+    config = TrainConfig(lr=1.0, warmup_ratio=0.1, min_lr_ratio=0.1)
+    lrs = [get_lr(s, 100, config) for s in range(100)]
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11) and lrs[10] == pytest.approx(1.0)
+    assert lrs[99] == pytest.approx(0.1) and lrs[55] == pytest.approx(0.55, abs=0.01)
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    model = AutoModelForCausalLM.from_config(model_config("tiny", vocab_size=270, max_len=512))
+    n = sum(p.numel() for p in model.parameters())  # tied: the embedding counts once, as the output matmul
+    assert flops_per_token(model, 512) == 6 * n + 12 * 4 * 64 * 512
+    assert peak_flops(torch.device("cpu"), "auto") is None
+
+
+def test_parse_args_maps_every_flag_onto_a_field():
+    config = parse_args(["shards", "-o", "out", "--max-steps", "3", "--lr", "1e-4", "--fsdp", "--no-progress",
+                         "--attn-implementation", "eager", "--gradient-checkpointing"])
+    assert config == TrainConfig(shards="shards", out_dir="out", max_steps=3, lr=1e-4, fsdp=True, progress=False,
+                                 attn_implementation="eager", gradient_checkpointing=True)
