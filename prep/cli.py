@@ -6,6 +6,7 @@ Defaults here mirror schemas.config.ConvertConfig (tests/test_cli_convert.py che
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -13,6 +14,7 @@ import typer
 
 from prep.errors import PrepError
 
+FORMAT_HELP = "auto (detect per file), alpaca, sharegpt, openai, transcript or unified."
 app = typer.Typer(
     name="prep",
     help="Turn raw instruction-tuning data into training-ready shards.",
@@ -26,8 +28,8 @@ app = typer.Typer(
 def convert(
     inputs: Annotated[list[str], typer.Argument(help="Input files, globs or save_to_disk folders (sorted).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Output: .parquet writes Parquet, else JSON Lines.")],
-    format: Annotated[str, typer.Option("--format", "-f", help="auto|alpaca|sharegpt|openai|transcript|unified")] = "auto",
-    rejects: Annotated[Optional[str], typer.Option(help="Rejects JSONL [default: OUTPUT.rejects.jsonl].")] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help=FORMAT_HELP)] = "auto",
+    rejects: Annotated[str | None, typer.Option(help="Rejects JSONL (default: OUTPUT with .rejects.jsonl).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any record is rejected.")] = False,
     dedup: Annotated[bool, typer.Option("--dedup", help="Drop exact duplicate conversations.")] = False,
@@ -44,7 +46,8 @@ def convert(
     console = Console()
     console.print(render_report(report))
     console.print(f"wrote {report.total.accepted:,} conversations to {report.outputs['conversations']}, "
-                  f"{report.total.rejected_total:,} rejects to {report.outputs['rejects']}", highlight=False)
+                  f"{report.total.rejected_total:,} rejects to {report.outputs['rejects']}", highlight=False,
+                  soft_wrap=True)
     check_strict(config, report)
 
 
@@ -54,6 +57,132 @@ def schema() -> None:
     from prep.convert import unified_json_schema
 
     typer.echo(unified_json_schema())
+
+
+# Shared option types of the commands that render and tokenize.
+TokenizerOpt = Annotated[Optional[str], typer.Option(help="Local folder or hub id [default: embedded demo tokenizer].")]
+TemplateOpt = Annotated[str, typer.Option(help="markers | chatml | tokenizer | path to a TOML/YAML template.")]
+TrainOnOpt = Annotated[str, typer.Option("--train-on", help="completion | last | all: which tokens carry a loss.")]
+MaxLenOpt = Annotated[int, typer.Option("--max-len", help="Tokens per row (and the longest example).")]
+OverflowOpt = Annotated[str, typer.Option(help="split | truncate | drop: what happens to a longer example.")]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", help="auto|alpaca|sharegpt|openai|transcript|unified")]
+RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub tokenizer's own code to run.")]
+
+
+@app.command()
+def pack(
+    inputs: Annotated[list[str], typer.Argument(help="Unified JSONL/Parquet from `prep convert`, or raw files.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder for the shards.")],
+    tokenizer: TokenizerOpt = None,
+    template: TemplateOpt = "markers",
+    max_len: MaxLenOpt = 2048,
+    train_on: TrainOnOpt = "completion",
+    overflow: OverflowOpt = "split",
+    pack: Annotated[bool, typer.Option("--pack/--no-pack", help="Pack several examples per row.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the row shuffle.")] = 0,
+    shard_size: Annotated[str, typer.Option("--shard-size", help="Target size of each shard file.")] = "256MB",
+    add_special_tokens: Annotated[bool, typer.Option("--add-special-tokens",
+                                                     help="Register the template markers as special tokens.")] = False,
+    format: FormatOpt = "auto",
+    trust_remote_code: RemoteCodeOpt = False,
+    dedup: Annotated[bool, typer.Option("--dedup", help="Drop exact duplicate conversations.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Conversations per tokenizer call.")] = 2048,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if anything was rejected or dropped.")] = False,
+) -> None:
+    """Render, tokenize, mask and pack conversations into Arrow shards with a manifest."""
+    from rich.console import Console
+
+    from prep.pipeline import build_config, check_strict, pack_shards, render_pack_report
+
+    config = build_config(inputs=inputs, output=output, tokenizer=tokenizer, template=template, max_len=max_len,
+                          train_on=train_on, overflow=overflow, pack=pack, seed=seed, shard_size=shard_size,
+                          add_special_tokens=add_special_tokens, format=format, trust_remote_code=trust_remote_code,
+                          dedup=dedup, batch_size=batch_size, overwrite=overwrite, strict=strict)
+    report = pack_shards(config, progress=sys.stderr.isatty())
+    Console().print(render_pack_report(report))
+    check_strict(config, report)
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="A shard folder, or an input file with --record.")],
+    row: Annotated[int, typer.Option(help="Row to show (0-based, over all shards).")] = 0,
+    example: Annotated[Optional[int], typer.Option(help="Only this example of the row (0-based).")] = None,
+    ids: Annotated[bool, typer.Option("--ids", help="Show token ids and labels side by side.")] = False,
+    record: Annotated[Optional[int], typer.Option(help="Encode this input record (0-based) instead.")] = None,
+    tokenizer: TokenizerOpt = None,
+    template: TemplateOpt = "markers",
+    train_on: TrainOnOpt = "completion",
+    max_len: MaxLenOpt = 2048,
+    overflow: OverflowOpt = "split",
+    format: FormatOpt = "auto",
+    trust_remote_code: RemoteCodeOpt = False,
+) -> None:
+    """Show a packed row (or one input record) token by token: trained tokens green, masked grey."""
+    from rich.console import Console
+
+    from prep.errors import ConfigError
+    from prep.inspect import inspect_record, inspect_shards, render_row
+
+    if record is None:
+        if not os.path.isdir(path):
+            raise ConfigError(f"{path}: not a shard folder; to inspect an input record pass --record N")
+        view = inspect_shards(path, row=row, example=example)
+    else:
+        view = inspect_record(path, record, tokenizer=tokenizer, template=template, train_on=train_on,
+                              max_len=max_len, overflow=overflow, format=format,
+                              trust_remote_code=trust_remote_code, example=example)
+    Console().print(render_row(view, ids=ids))
+
+
+@app.command()
+def stats(
+    inputs: Annotated[list[str], typer.Argument(help="A shard folder, or input files.")],
+    plot: Annotated[Optional[str], typer.Option(help="Also write the length histogram to FILE (.png/.html/.svg).")] = None,
+    top: Annotated[int, typer.Option(help="How many of the longest examples to list.")] = 5,
+    bins: Annotated[int, typer.Option(help="Histogram bins.")] = 16,
+    tokenizer: TokenizerOpt = None,
+    template: TemplateOpt = "markers",
+    train_on: TrainOnOpt = "completion",
+    max_len: MaxLenOpt = 2048,
+    overflow: OverflowOpt = "split",
+    pack: Annotated[bool, typer.Option("--pack/--no-pack", help="Packing to estimate for inputs.")] = True,
+    format: FormatOpt = "auto",
+    trust_remote_code: RemoteCodeOpt = False,
+) -> None:
+    """Token-length distribution, tokens per role, trained fraction and packing efficiency."""
+    from rich.console import Console
+
+    from prep.plot import write_histogram
+    from prep.stats import input_stats, render_stats, shard_stats
+
+    if len(inputs) == 1 and os.path.isfile(os.path.join(inputs[0], "manifest.json")):
+        result = shard_stats(inputs[0], top=top)
+    else:
+        result = input_stats(inputs, tokenizer=tokenizer, template=template, train_on=train_on, max_len=max_len,
+                             overflow=overflow, format=format, pack=pack, top=top,
+                             trust_remote_code=trust_remote_code)
+    Console().print(render_stats(result, bins=bins))
+    if plot:
+        write_histogram(plot, *result.histogram(bins), title="tokens per example")
+        Console().print(f"wrote {plot}", highlight=False)
+
+
+@app.command()
+def verify(
+    path: Annotated[str, typer.Argument(help="The shard folder.")],
+    limit: Annotated[int, typer.Option(help="Problems listed per file and check.")] = 10,
+) -> None:
+    """Check shard hashes, schema and every row's invariants; exit 1 on any problem."""
+    from rich.console import Console
+
+    from prep.verify import render_verify, verify_shards
+
+    report = verify_shards(path, limit=limit)
+    Console(soft_wrap=True).print(render_verify(report))
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 from typing import Any, NamedTuple
 
 import pydantic_core
@@ -32,7 +33,7 @@ from pydantic import ValidationError
 
 from prep.errors import AccountingError, ConfigError, PrepError
 from prep.read import BATCH_SIZE, expand_inputs
-from prep.report import Report
+from prep.report import Counts, Report
 from prep.sink import JsonlSink, ParquetSink, check_outputs
 from prep.validate import STAGE, ValidatedBatch, raw_text, validate_file
 from schemas.config import ConvertConfig
@@ -55,7 +56,7 @@ _to_json = pydantic_core.to_json
 
 
 class Turn(NamedTuple):
-    """One message while converting: unified role, content, where it came from, training override."""
+    """One message while converting: unified role, content, its path in the raw record, training override."""
 
     role: str
     content: str
@@ -114,12 +115,14 @@ def alpaca_turns(r: AlpacaRecord) -> Draft:
     >>> [(t.role, t.content) for t in d.turns]
     [('user', 'Sum\\n\\n2 2'), ('assistant', '4')]
     """
-    turns = [Turn("system", r.system, "system")] if r.system else []
-    for i, (question, answer) in enumerate(r.history):
-        turns += [Turn("user", question, f"history[{i}][0]"), Turn("assistant", answer, f"history[{i}][1]")]
-    user = f"{r.instruction}{TURN_SEPARATOR}{r.input}" if r.input and r.instruction else r.instruction or r.input or ""
-    turns.append(Turn("user", user, "instruction"))
-    turns.append(Turn("assistant", r.output, "output"))
+    instruction, extra = r.instruction, r.input
+    user = f"{instruction}{TURN_SEPARATOR}{extra}" if instruction and extra else instruction or extra or ""
+    turns = [Turn("user", user, "instruction"), Turn("assistant", r.output, "output")]
+    if r.history:
+        turns[:0] = [Turn(role, text, f"history[{i}][{j}]") for i, pair in enumerate(r.history)
+                     for j, (role, text) in enumerate(zip(("user", "assistant"), pair, strict=True))]
+    if r.system:
+        turns.insert(0, Turn("system", r.system, "system"))
     return Draft(turns, _extras(r))
 
 
@@ -133,7 +136,7 @@ def sharegpt_turns(r: ShareGPTRecord) -> Draft:
     (['user', 'assistant', 'user', 'assistant'], 'function_call')
     """
     turns = [Turn("system", r.system, "system")] if r.system else []
-    turns += [Turn(ROLE_MAP[m.from_], m.value, f"conversations[{i}].value") for i, m in enumerate(r.conversations)]
+    turns += [Turn(ROLE_MAP[m.from_], m.value, f"conversations[{i}]") for i, m in enumerate(r.conversations)]
     meta = _extras(r)
     if any(m.from_ in TOOL_ROLES for m in r.conversations):
         meta["original_roles"] = [m.from_ for m in r.conversations]
@@ -154,7 +157,7 @@ def openai_turns(r: OpenAIRecord) -> Draft:
         calls = m.tool_calls if m.tool_calls is not None else ([m.function_call] if m.function_call else None)
         content = _join([m.content or "", _to_json(calls).decode()]) if calls else m.content or ""
         tools = tools or bool(calls) or m.role in TOOL_ROLES
-        turns.append(Turn(ROLE_MAP[m.role], content, f"messages[{i}].content"))
+        turns.append(Turn(ROLE_MAP[m.role], content, f"messages[{i}]"))
     meta = _extras(r)
     if tools:
         meta["original_roles"] = [m.role for m in r.messages]
@@ -163,7 +166,8 @@ def openai_turns(r: OpenAIRecord) -> Draft:
 
 # Transcript markers, one style per record (the style whose marker comes first is used).
 _MARKERS = (
-    re.compile(r"(?:^|\n\n)(Human|Assistant|System):"),  # hh-rlhf: "\n\nHuman: ...\n\nAssistant: ..."
+    # hh-rlhf: "\n\nHuman: ...\n\nAssistant: ..." (no System marker: "\n\nSystem:" inside an answer is prose)
+    re.compile(r"(?:^|\n\n)(Human|Assistant):"),
     re.compile(r"###[ \t]*(Human|Assistant|System):"),  # "### Human: ... ### Assistant: ..."
     re.compile(r"###(instruction|response|human|assistant|system)###"),  # seed markup
 )
@@ -210,7 +214,7 @@ def parse_transcript(text: str) -> list[tuple[str, str]]:
     matches = list(marker.finditer(text))
     preamble = strip_separator(text[:matches[0].start()])
     turns = [("system", preamble)] if preamble else []
-    for m, end in zip(matches, [n.start() for n in matches[1:]] + [len(text)]):
+    for m, end in zip(matches, [n.start() for n in matches[1:]] + [len(text)], strict=True):
         content = strip_separator(text[m.end():end])
         if marker is _SEED and end == len(text) and content.endswith("###"):
             content = _drop_end_marker(content)
@@ -252,7 +256,7 @@ def unified_turns(r: UnifiedRecord) -> Draft:
     >>> d.id, d.repair
     ('x', False)
     """
-    turns = [Turn(m.role, m.content, f"messages[{i}].content", m.train) for i, m in enumerate(r.messages)]
+    turns = [Turn(m.role, m.content, f"messages[{i}]", m.train) for i, m in enumerate(r.messages)]
     source = r.source.model_dump() if r.source is not None else None
     return Draft(turns, dict(r.meta), r.id, source, repair=False)
 
@@ -286,7 +290,7 @@ def normalize_turns(turns: list[Turn]) -> tuple[list[Turn], int, list[Turn]]:
     trailing = turns[end:]
     if trailing:
         turns = turns[:end]
-    if all(a.role != b.role for a, b in zip(turns, turns[1:])):
+    if all(a.role != b.role for a, b in pairwise(turns)):
         return turns, 0, trailing
     merged: list[list[Turn]] = []
     for turn in turns:
@@ -328,6 +332,9 @@ def finish(draft: Draft, path: str, line: int, format: str, raw: Any = None) -> 
             return _rules_reject([problem], turns, path, line, format, raw)
     problems = conversation_problems(turns)  # type: ignore[arg-type]  # Turn has .role and .content
     if problems:
+        if trimmed and problems[0][2] == "no_assistant_turn":
+            problems = [("$", f"no assistant turn (after removing {len(meta['trailing_user'])} trailing user turn(s))",
+                         "no_assistant_turn")]
         return _rules_reject(problems, turns, path, line, format, raw)
     digest = content_hash(turns)  # type: ignore[arg-type]
     source = {"path": path, "line": line, "format": format} if draft.repair else draft.source
@@ -365,7 +372,7 @@ def _rules_reject(problems: list[tuple[str, str, str]], turns: list[Turn], path:
         if match and int(match.group(1)) < len(turns) and turns[int(match.group(1))].src:
             errors.append(ErrorDetail(field=turns[int(match.group(1))].src, message=f"{message} (unified {field})"))
         else:
-            errors.append(ErrorDetail(field=field, message=message))
+            errors.append(ErrorDetail(field="$" if field == "messages" else field, message=message))
     return Reject(path=path, line=line, stage=STAGE, reason=problems[0][2], errors=errors,
                   raw=None if raw is None else raw_text(raw), format=format)
 
@@ -396,7 +403,7 @@ def _convert_batch(batch: ValidatedBatch) -> list[Accepted | Reject]:
     """Convert a validated batch; rows that failed validation pass through as Rejects."""
     out: list[Accepted | Reject] = []
     path, fmt, convert = batch.path, batch.format, CONVERTERS[batch.format]
-    for record, line, payload in zip(batch.records, batch.lines, batch.payloads):
+    for record, line, payload in zip(batch.records, batch.lines, batch.payloads, strict=True):
         if record.__class__ is Reject:
             out.append(record)
             continue
@@ -433,23 +440,28 @@ def _outcomes(paths: list[str], format: str, dedup: bool, report: Report,
         for batch in validated.batches:
             results = _convert_batch(batch)
             counts.read += len(batch.lines)
-            kept: list[Accepted | Reject] = []
-            for r in results:
-                if r.__class__ is Reject:
-                    counts.rejected[r.reason] += 1  # type: ignore[union-attr]
-                elif seen is not None and r.hash in seen:  # type: ignore[union-attr]
+            yield path, _tally(results, counts, seen), batch.done
+
+
+def _tally(results: list[Accepted | Reject], counts: Counts, seen: set[str] | None) -> list[Accepted | Reject]:
+    """Count a batch's outcomes; drop (and count) duplicates when `seen` is a set."""
+    kept: list[Accepted | Reject] = []
+    for r in results:
+        if r.__class__ is Accepted:
+            if seen is not None:
+                if r.hash in seen:  # type: ignore[union-attr]
                     counts.deduplicated += 1
                     continue
-                else:
-                    if seen is not None:
-                        seen.add(r.hash)  # type: ignore[union-attr]
-                    counts.accepted += 1
-                    if r.merged:  # type: ignore[union-attr]
-                        counts.events["merged_turns"] += r.merged  # type: ignore[union-attr]
-                    if r.trimmed:  # type: ignore[union-attr]
-                        counts.events["trimmed_trailing_user"] += 1
-                kept.append(r)
-            yield path, kept, batch.done
+                seen.add(r.hash)  # type: ignore[union-attr]
+            counts.accepted += 1
+            if r.merged:  # type: ignore[union-attr]
+                counts.events["merged_turns"] += r.merged  # type: ignore[union-attr]
+            if r.trimmed:  # type: ignore[union-attr]
+                counts.events["trimmed_trailing_user"] += 1
+        else:
+            counts.rejected[r.reason] += 1  # type: ignore[union-attr]
+        kept.append(r)
+    return kept
 
 
 def iter_conversations(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], format: str = "auto", *,
@@ -469,8 +481,8 @@ def iter_conversations(paths: str | os.PathLike[str] | Iterable[str | os.PathLik
         InputError: an input is missing, unreadable or of undetectable format (raised when reached).
 
     >>> report = Report("pack")
-    >>> items = list(iter_conversations("examples/openai.jsonl", report=report))  # doctest: +SKIP
-    >>> report.rows[0].kind, report.total.balanced  # doctest: +SKIP
+    >>> items = list(iter_conversations("examples/openai.jsonl", report=report))
+    >>> report.rows[0].kind, report.total.balanced
     ('openai (auto)', True)
     """
     if isinstance(paths, (str, os.PathLike)):
@@ -511,7 +523,7 @@ def convert_files(config: ConvertConfig, progress: bool = False) -> Report:
 
     >>> report = convert_files(ConvertConfig(inputs=["examples/alpaca.json"], output="/tmp/a.jsonl"))  # doctest: +SKIP
     >>> report.total.accepted  # doctest: +SKIP
-    11
+    10
     """
     inputs = expand_inputs(config.inputs)
     rejects = config.rejects or default_rejects_path(config.output)
@@ -521,11 +533,11 @@ def convert_files(config: ConvertConfig, progress: bool = False) -> Report:
     report = Report("prep convert", outputs={"conversations": config.output, "rejects": rejects})
     parquet = is_parquet(config.output)
     sink_type = ParquetSink if parquet else JsonlSink
-    with _ProgressBar(progress, inputs) as bar, sink_type(config.output) as sink, JsonlSink(rejects) as reject_sink, \
-            _gc_relaxed():
+    encode = to_conversation if parquet else to_json_line
+    with (_ProgressBar(progress, inputs) as bar, sink_type(config.output) as sink,
+          JsonlSink(rejects) as reject_sink, _gc_relaxed()):
         for path, results, done in _outcomes(inputs, config.format, config.dedup, report, BATCH_SIZE):
-            accepted = [r for r in results if r.__class__ is Accepted]
-            sink.write([to_conversation(a) for a in accepted] if parquet else [to_json_line(a) for a in accepted])
+            sink.write([encode(r) for r in results if r.__class__ is Accepted])  # type: ignore[arg-type]
             reject_sink.write([r.model_dump_json().encode() for r in results if r.__class__ is Reject])
             bar.update(path, done)
         report.check_accounting()
@@ -598,7 +610,7 @@ class _ProgressBar:
         self.progress: Any = None
         self.tasks: dict[str, Any] = {}
 
-    def __enter__(self) -> "_ProgressBar":
+    def __enter__(self) -> _ProgressBar:
         return self
 
     def update(self, path: str, done: float) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -41,8 +42,7 @@ import numpy as np
 import pyarrow as pa
 
 from prep.errors import ConfigError
-from prep.render import Rendered, RenderFailure, Template, render_batch, special_token_strings
-from prep.render import _special_token_regex as special_token_regex
+from prep.render import Rendered, RenderFailure, Template, render_batch, special_token_regex, special_token_strings
 from prep.tokenizer import adds_bos
 from schemas.conversation import Conversation, Message
 from schemas.reject import ErrorDetail, Reject
@@ -212,10 +212,32 @@ class Encoder:
         Returns:
             EncodeResult(table, counts, rejected, rejects).
         """
+        with _gc_paused():
+            return self._encode(conversations)
+
+    def _encode(self, conversations: Sequence[Conversation]) -> EncodeResult:
+        """`encode` without the GC pause: check, render + tokenize, build, then handle overflow."""
         outcomes: list[_Outcome] = []
         built = _Built()
-        counts = Counter({k: 0 for k in COUNT_KEYS})
+        counts = Counter(dict.fromkeys(COUNT_KEYS, 0))
         counts["conversations"] = len(conversations)
+        items = self._accept_markers(conversations, outcomes)
+        fitting, overflowing = self._render_and_tokenize(items, outcomes)
+        splitters = []
+        for item in overflowing:
+            if self.overflow == "truncate":
+                item.truncated = True
+                fitting.append(item)
+            elif self.overflow == "drop":
+                outcomes.append(_too_long(item, len(item.enc), self.max_len))
+            else:
+                splitters.append(_Splitter(item, self))
+        self._build(fitting, built, outcomes, counts)
+        self._split(splitters, built, outcomes, counts)
+        return self._result(conversations, outcomes, built, counts)
+
+    def _accept_markers(self, conversations: Sequence[Conversation], outcomes: list[_Outcome]) -> list[_Item]:
+        """Items for the conversations whose content holds no marker; `marker_in_content` for the rest."""
         items = []
         for index, conv in enumerate(conversations):
             hit = self._find_marker(conv.messages)
@@ -223,20 +245,7 @@ class Encoder:
                 outcomes.append(_Outcome(index, 0, reason="marker_in_content", field=hit[0], message=hit[1]))
             else:
                 items.append(_Item(index, conv, list(conv.messages), trained_flags(conv.messages, self.train_on)))
-        with _gc_paused():
-            fitting, overflowing = self._render_and_tokenize(items, outcomes, counts)
-            splitters = []
-            for item in overflowing:
-                if self.overflow == "truncate":
-                    item.truncated = True
-                    fitting.append(item)
-                elif self.overflow == "drop":
-                    outcomes.append(_too_long(item, len(item.enc), self.max_len))
-                else:
-                    splitters.append(_Splitter(item, self))
-            self._build(fitting, built, outcomes, counts)
-            self._split(splitters, built, outcomes, counts)
-        return self._result(conversations, outcomes, built, counts)
+        return items
 
     # ----------------------------------------------------------------------------------------------
     # Checks before tokenizing
@@ -255,9 +264,7 @@ class Encoder:
     # ----------------------------------------------------------------------------------------------
     # Render + tokenize (one batched tokenizer call)
 
-    def _render_and_tokenize(
-        self, items: list[_Item], outcomes: list[_Outcome], counts: Counter
-    ) -> tuple[list[_Item], list[_Item]]:
+    def _render_and_tokenize(self, items: list[_Item], outcomes: list[_Outcome]) -> tuple[list[_Item], list[_Item]]:
         """Render and tokenize `items`; return (fitting, over max_len); failures go to `outcomes`."""
         rendered = render_batch(
             [it.messages for it in items],
@@ -312,12 +319,21 @@ class Encoder:
             self._item_ranges(k, item, int(lengths[k]), ranges, checks)
         trained = _cover(ranges, starts)
         trained[starts[:-1]] = False  # the first label of every example
-        failures = self._verify(items, id_lists, flat_ids, trained, starts, checks) if self.verify else {}
-        trained_per_example = np.add.reduceat(trained.astype(np.int64), starts[:-1])
+        failures = self._verify(id_lists, flat_ids, trained, starts, checks) if self.verify else {}
+        keep = self._record(items, failures, np.add.reduceat(trained.astype(np.int64), starts[:-1]), built, outcomes)
+        token_keep = np.repeat(keep, lengths)
+        built.ids.append(flat_ids[token_keep])
+        built.labels.append(np.where(trained, flat_ids, np.int32(IGNORE_INDEX)).astype(np.int32)[token_keep])
+        built.lengths.append(lengths[keep])
+
+    def _record(
+        self, items: list[_Item], failures: dict, trained_counts: np.ndarray, built: _Built, outcomes: list[_Outcome]
+    ) -> np.ndarray:
+        """One outcome per item (written, or rejected with its first failure); return the keep mask."""
         keep = np.ones(len(items), dtype=bool)
         for k, item in enumerate(items):
             failure = failures.get(k)
-            if failure is None and trained_per_example[k] == 0:
+            if failure is None and trained_counts[k] == 0:
                 failure = ("no_trained_tokens", "messages", "no token of this example carries a loss")
             if failure is not None:
                 keep[k] = False
@@ -325,11 +341,7 @@ class Encoder:
             else:
                 outcomes.append(_Outcome(item.conv_index, item.piece, built.rows, truncated=item.truncated))
                 built.rows += 1
-        token_keep = np.repeat(keep, lengths)
-        labels = np.where(trained, flat_ids, np.int32(IGNORE_INDEX)).astype(np.int32)
-        built.ids.append(flat_ids[token_keep])
-        built.labels.append(labels[token_keep])
-        built.lengths.append(lengths[keep])
+        return keep
 
     def _item_ranges(self, k: int, item: _Item, length: int, ranges: list, checks: list) -> None:
         """Append the trained token ranges of example `k` and one check per trained message span.
@@ -385,42 +397,28 @@ class Encoder:
         return cached
 
     def _verify(
-        self,
-        items: list[_Item],
-        id_lists: list[list[int]],
-        flat_ids: np.ndarray,
-        trained: np.ndarray,
-        starts: np.ndarray,
-        checks: list,
+        self, id_lists: list[list[int]], flat_ids: np.ndarray, trained: np.ndarray, starts: np.ndarray, checks: list
     ) -> dict[int, tuple[str, str, str]]:
         """Check every example; return {example: (reason, field, message)} for those that fail.
 
         Checks: one BOS at the start where the tokenizer uses one; every token of a trained message's
         span is trained; an assistant turn ends with its end-of-turn special token (where the marker
-        is one) and a chat-template reply has one; the trained tokens decode to text that contains
+        is one; a chat-template reply must have one); the trained tokens decode to text that contains
         the message content plus its end marker.
         """
-        failures: dict[int, tuple[str, str, str]] = {}
-        if self._bos_id is not None:
-            bos_counts = np.add.reduceat((flat_ids == self._bos_id).astype(np.int64), starts[:-1])
-            first_ok = flat_ids[starts[:-1]] == self._bos_id
-            for k in np.flatnonzero((bos_counts != 1) | ~first_ok):
-                msg = f"expected exactly one BOS at the start, found {int(bos_counts[k])}"
-                failures[int(k)] = ("bos_count", "messages", msg)
+        failures = self._check_bos(flat_ids, starts)
         if not checks:
             return failures
-        example, t0, t1, message, expected, end_id, is_reply = zip(*checks)
-        example = np.array(example, dtype=np.int64)
+        example, t0, t1, message, expected, end_id, is_reply = (list(c) for c in zip(*checks))
+        example, end_id = np.array(example, dtype=np.int64), np.array(end_id, dtype=np.int64)
         g0, g1 = starts[example] + np.array(t0), starts[example] + np.array(t1)
-        g0_trainable = np.maximum(g0, starts[example] + 1)
+        g0 = np.maximum(g0, starts[example] + 1)  # the first token of an example is never trained
         csum = np.concatenate(([0], np.cumsum(trained, dtype=np.int64)))
-        span_ok = (csum[g1] - csum[g0_trainable]) == (g1 - g0_trainable)
-        end_id = np.array(end_id, dtype=np.int64)
+        span_ok = (csum[g1] - csum[g0]) == (g1 - g0)
         end_ok = (end_id < 0) | (flat_ids[np.maximum(g1 - 1, 0)] == end_id)
         end_missing = np.array(is_reply) & (end_id < 0) & self.template.uses_chat_template
-        decoded = self._backend.decode_batch(
-            [id_lists[e][a:b] for e, a, b in zip(example.tolist(), t0, t1)], skip_special_tokens=False
-        )
+        slices = [id_lists[e][a:b] for e, a, b in zip(example.tolist(), t0, t1)]
+        decoded = self._backend.decode_batch(slices, skip_special_tokens=False)
         for c, k in enumerate(example.tolist()):
             if k in failures:
                 continue
@@ -431,13 +429,30 @@ class Encoder:
                 failures[k] = ("no_end_of_turn_token", where, "no special token ends this assistant turn")
             elif not end_ok[c]:
                 failures[k] = ("end_token_mismatch", where, "the last trained token is not the end-of-turn token")
-            elif self._normalized(expected[c]) not in " " + decoded[c]:
+            elif not self._decodes_to(expected[c], decoded[c]):
                 failures[k] = ("decode_mismatch", where, "the trained tokens do not decode to the content + end marker")
         return failures
 
-    def _normalized(self, text: str) -> str:
-        """`text` as the tokenizer's normalizer sees it (e.g. NFC), for comparison with decoded text."""
-        return self._normalizer.normalize_str(text) if self._normalizer is not None else text
+    def _check_bos(self, flat_ids: np.ndarray, starts: np.ndarray) -> dict[int, tuple[str, str, str]]:
+        """Failures of examples that do not hold exactly one BOS, at the start (where the tokenizer uses one)."""
+        if self._bos_id is None:
+            return {}
+        bos_counts = np.add.reduceat((flat_ids == self._bos_id).astype(np.int64), starts[:-1])
+        first_ok = flat_ids[starts[:-1]] == self._bos_id
+        return {
+            int(k): ("bos_count", "messages", f"expected exactly one BOS at the start, found {int(bos_counts[k])}")
+            for k in np.flatnonzero((bos_counts != 1) | ~first_ok)
+        }
+
+    def _decodes_to(self, expected: str, decoded: str) -> bool:
+        """`expected` (content + end marker) is in `decoded`, as the tokenizer's normalizer (e.g. NFC) sees it.
+
+        A space is put in front of `decoded`: SentencePiece-style decoders drop a leading one.
+        """
+        decoded = " " + decoded
+        if expected in decoded:
+            return True
+        return self._normalizer is not None and self._normalizer.normalize_str(expected) in decoded
 
     # ----------------------------------------------------------------------------------------------
     # Overflow: split at turn boundaries
@@ -450,7 +465,7 @@ class Encoder:
                 outcomes.append(_Outcome(s.item.conv_index, 0, -1, "no_trained_tokens", "messages", "no trained turn"))
         while pending:
             items = [s.piece_item(p) for s, p in pending]
-            fitting, overflowing = self._render_and_tokenize(items, outcomes, counts)
+            fitting, overflowing = self._render_and_tokenize(items, outcomes)
             over = {id(it) for it in overflowing}
             next_pending = []
             for (s, p), item in zip(pending, items):
@@ -632,18 +647,14 @@ class _Splitter:
         u0, u1 = _token_range(item.enc, span.start, span.end, len(item.rendered.text))
         if n - (u1 - u0) > self.max_len:
             return _too_long(item, n, self.max_len, without_prompt=n - (u1 - u0))
-        content = item.messages[user].content
         keep = (u1 - u0) - (n - self.max_len) - piece.slack
-        piece.slack = piece.slack * 2 + 2
-        if keep <= 0:
-            piece.user_content = ""
-        else:
+        piece.slack = piece.slack * 2 + 2  # grows, so that every retry cuts more
+        piece.user_content = ""
+        if keep > 0:
             head_tokens = keep // 2
             head_end = item.enc.token_to_chars(u0 + head_tokens)[0] - span.start
             tail_start = item.enc.token_to_chars(u1 - (keep - head_tokens))[0] - span.start
-            head_end = min(max(head_end, 0), len(content))
-            tail_start = min(max(tail_start, head_end), len(content))
-            piece.user_content = content[:head_end] + content[tail_start:]
+            piece.user_content = _cut_middle(item.messages[user].content, head_end, tail_start, self.encoder._marker_re)
         return [piece]
 
 
@@ -660,6 +671,19 @@ def _check_choice(flag: str, value: str, valid: tuple[str, ...]) -> None:
 def _message(message: Message, content: str, train: bool) -> Message:
     """A copy of `message` with new content and an explicit train flag (no re-validation)."""
     return Message.model_construct(role=message.role, content=content, train=train)
+
+
+def _cut_middle(content: str, head_end: int, tail_start: int, marker_re: re.Pattern[str] | None) -> str:
+    """content[:head_end] + content[tail_start:], cutting more of the head if the join would form a marker.
+
+    >>> _cut_middle("abcdefgh", 3, 6, None)
+    'abcgh'
+    """
+    head_end = min(max(head_end, 0), len(content))
+    tail_start = min(max(tail_start, head_end), len(content))
+    while head_end > 0 and marker_re is not None and marker_re.search(content[:head_end] + content[tail_start:]):
+        head_end -= 1
+    return content[:head_end] + content[tail_start:]
 
 
 def _too_long(item: _Item, n: int, max_len: int, without_prompt: int | None = None) -> _Outcome:

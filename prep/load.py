@@ -80,7 +80,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     file = path / "manifest.json"
     if not file.is_file():
-        hint = "the writer did not finish (manifest.json is written last); rerun `prep pack`" if path.is_dir() else "no such folder"
+        hint = (
+            "the writer did not finish (manifest.json is written last); rerun `prep pack`"
+            if path.is_dir()
+            else "no such folder"
+        )
         raise ShardError(f"{file}: not found: {hint}")
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
@@ -118,7 +122,9 @@ def _open_shard(file: Path, rows: int) -> pa.Table:
         # The table's buffers point into the map, so the map must stay open as long as the table lives.
         table = pa.ipc.open_stream(pa.memory_map(str(file), "r")).read_all()
     except (pa.ArrowInvalid, OSError) as e:
-        raise ShardError(f"{file}: not a readable Arrow IPC stream ({e}); run `prep verify` or rewrite the shards") from e
+        raise ShardError(
+            f"{file}: not a readable Arrow IPC stream ({e}); run `prep verify` or rewrite the shards"
+        ) from e
     if table.num_rows != rows:
         raise ShardError(f"{file}: {table.num_rows} rows, manifest.json says {rows}: the folder mixes two runs")
     return table
@@ -308,12 +314,18 @@ class Collator:
         self.attn_implementation = attn_implementation
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        ids, labels, pos = ([torch.as_tensor(r[k], dtype=torch.long) for r in rows] for k in ("input_ids", "labels", "position_ids"))
+        ids, labels, pos = (
+            [torch.as_tensor(r[k], dtype=torch.long) for r in rows] for k in ("input_ids", "labels", "position_ids")
+        )
         too_long = [len(x) for x in ids if len(x) > self.max_len]
         if too_long:
             raise ShardError(f"row of {too_long[0]} tokens exceeds max_len {self.max_len}: pass the shards' max_len")
         if self.padding_free:
-            batch = {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None], "position_ids": torch.cat(pos)[None]}
+            batch = {
+                "input_ids": torch.cat(ids)[None],
+                "labels": torch.cat(labels)[None],
+                "position_ids": torch.cat(pos)[None],
+            }
         else:
             batch = {
                 "input_ids": self._pad(ids, lambda n: torch.full((n,), self.pad_id)),

@@ -12,11 +12,32 @@ from prep.errors import ConfigError
 
 MODEL_CONFIGS: dict[str, dict] = {
     # ~0.2M params besides the embeddings: trains on a laptop CPU in a couple of minutes (README demo, tests).
-    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
     # ~6M params besides the embeddings: a quick GPU smoke run.
-    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+    ),
     # ~0.4B params besides the embeddings, ~0.5B with a 32k vocabulary (untied): the speed benchmark's model.
-    "0.5b": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False),
+    "0.5b": dict(
+        hidden_size=1536,
+        intermediate_size=4096,
+        num_hidden_layers=16,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    ),
 }
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from prep import __version__
 from prep.convert import iter_conversations
 from prep.encode import Encoder
-from prep.errors import AccountingError, PrepError
+from prep.errors import AccountingError, ConfigError, PrepError
 from prep.pack import plan_bfd, plan_unpacked, shuffle_rows
 from prep.read import expand_inputs
 from prep.render import Template, load_template, template_sha256
@@ -112,6 +112,68 @@ def pack_shards(config: PackConfig, progress: bool = False) -> PackReport:
                                        shard_size=config.shard_size, manifest_extra=extra,
                                        overwrite=config.overwrite, before_commit=before_commit)
     return report
+
+
+def build_config(**flags: Any) -> PackConfig:
+    """Build a PackConfig from CLI flags, turning a validation error into one ConfigError naming the flag.
+
+    >>> build_config(inputs=["a.jsonl"], output="shards", max_len=4).max_len
+    Traceback (most recent call last):
+    prep.errors.ConfigError: --max-len: Input should be greater than or equal to 8
+    """
+    from pydantic import ValidationError
+
+    try:
+        return PackConfig(**flags)
+    except ValidationError as e:
+        d = e.errors(include_url=False)[0]
+        flag = "--" + "-".join(str(p) for p in d["loc"]).replace("_", "-") if d["loc"] else "options"
+        raise ConfigError(f"{flag}: {d['msg']}") from None
+
+
+def render_pack_report(report: PackReport) -> Any:
+    """The summary of a pack run as rich renderables: inputs, examples, packing, markers, notices.
+
+    Returns:
+        a rich `Group` (print it with a Console).
+    """
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from prep.report import render_report
+
+    notices = [Text(n, style="yellow") for n in report.notices]
+    m = report.manifest
+    if report.up_to_date:
+        return Group(*notices, Text(f"{report.output}: up to date (fingerprint {m.get('fingerprint', '')[:12]})"))
+    c = m["counts"]
+    examples = Table(title="examples", title_justify="left")
+    for name in ("conversations", "examples", "split", "truncated", "dropped", "rejected", "tokens", "trained"):
+        examples.add_column(name, justify="right")
+    rejected = sum(report.rejected.values())
+    examples.add_row(*(f"{v:,}" for v in (c["conversations"], c["examples"], c["split"], c["truncated"], c["dropped"],
+                                           rejected, c["tokens"], c["trained_tokens"])))
+    p = m["packing"]
+    lines = [Text(f"rows {p['rows']:,} (lower bound {p['lower_bound_rows']:,}), packing efficiency "
+                  f"{p['efficiency']:.2%}, {len(m['shards'])} shard(s) in {report.output}")]
+    if report.rejected or c["dropped"]:
+        reasons = dict(report.rejected) | ({"too_long": c["dropped"]} if c["dropped"] else {})
+        lines.append(Text("not written: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) +
+                          f" (see {Path(report.output) / REJECTS_FILE})", style="yellow"))
+    return Group(*notices, render_report(report.inputs), examples, _marker_table(report.markers), *lines)
+
+
+def _marker_table(markers: list[MarkerCheck]) -> Any:
+    """How each template marker tokenizes with this tokenizer."""
+    from rich.table import Table
+
+    table = Table(title="template markers", title_justify="left")
+    for name in ("marker", "tokens", "special", "changes when text touches it"):
+        table.add_column(name)
+    for m in markers:
+        table.add_row(m.marker, str(len(m.ids)), "yes" if m.special else "no", ", ".join(m.changed_in) or "no")
+    return table
 
 
 def check_strict(config: PackConfig, report: PackReport) -> None:

@@ -63,8 +63,8 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
     Raises:
         InputError: a path does not exist or a glob matches nothing.
 
-    >>> expand_inputs(["b.jsonl", "a.jsonl"])  # doctest: +SKIP
-    ['a.jsonl', 'b.jsonl']
+    >>> expand_inputs(["examples/sharegpt.jsonl", "examples/*.json"])
+    ['examples/alpaca.json', 'examples/sharegpt.jsonl']
     """
     found: set[str] = set()
     for item in inputs:
@@ -94,7 +94,8 @@ def input_kind(path: str) -> str:
         if os.path.exists(os.path.join(path, "dataset_dict.json")):
             raise InputError("this is a DatasetDict folder; pass one split's folder (e.g. PATH/train)", path=path)
         if not os.path.exists(os.path.join(path, "state.json")):
-            raise InputError(f"folder is not a datasets.save_to_disk folder (no state.json); expected {SUPPORTED}", path=path)
+            raise InputError(f"folder is not a datasets.save_to_disk folder (no state.json); expected {SUPPORTED}",
+                             path=path)
         return "saved"
     name = path.lower().removesuffix(".gz")
     for suffix, kind in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".csv", "csv")):
@@ -116,7 +117,7 @@ def read_batches(path: str, batch_size: int = BATCH_SIZE) -> Iterator[RawBatch]:
     Raises:
         InputError: the file cannot be read (corrupt gzip or Parquet, a `.json` that is not JSON...).
 
-    >>> [b.lines for b in read_batches("examples/sharegpt.jsonl", 4)][:2]  # doctest: +SKIP
+    >>> [b.lines for b in read_batches("examples/sharegpt.jsonl", 4)][:2]
     [[1, 2, 3, 4], [5, 6, 7, 8]]
     """
     kind = input_kind(path)
@@ -128,12 +129,12 @@ def read_batches(path: str, batch_size: int = BATCH_SIZE) -> Iterator[RawBatch]:
 def read_rows(paths: Iterable[str | os.PathLike[str]], batch_size: int = BATCH_SIZE) -> Iterator[RawRow]:
     """Read every row of every input, in sorted path order.
 
-    >>> next(read_rows(["examples/alpaca.json"])).line  # doctest: +SKIP
+    >>> next(read_rows(["examples/alpaca.json"])).line
     0
     """
     for path in expand_inputs(paths):
         for batch in read_batches(path, batch_size):
-            for line, payload in zip(batch.lines, batch.payloads):
+            for line, payload in zip(batch.lines, batch.payloads, strict=True):
                 yield RawRow(batch.path, line, payload)
 
 
@@ -141,7 +142,7 @@ def read_rows(paths: Iterable[str | os.PathLike[str]], batch_size: int = BATCH_S
 def _open_bytes(path: str) -> Iterator[tuple[IO[bytes], IO[bytes]]]:
     """Open a file for binary reading, gunzipping `.gz`; yields (stream, raw file for tell())."""
     try:
-        raw = open(path, "rb")
+        raw = open(path, "rb")  # noqa: SIM115  # closed by the `with raw` below
     except OSError as e:
         raise InputError(f"cannot open: {e.strerror}", path=path) from None
     with raw:

@@ -371,7 +371,7 @@ def render_batch(
             raise ConfigError("the tokenizer template needs a tokenizer")
         if special_tokens is None:
             special_tokens = special_token_strings(tokenizer)
-        return _render_chat_batch(batch, template, tokenizer, _special_token_regex(tuple(special_tokens)))
+        return _render_chat_batch(batch, template, tokenizer, special_token_regex(tuple(special_tokens)))
     if template.append_eos and not eos:
         raise ConfigError(f"template {template.name!r} appends EOS, but the tokenizer has no eos_token")
     return [_render_turns(messages, template, bos, eos or "") for messages in batch]
@@ -407,18 +407,24 @@ def _is_single_turn(messages: Sequence[Message]) -> bool:
 def special_token_strings(tokenizer: Any) -> tuple[str, ...]:
     """Every special token string of a tokenizer (added special tokens and bos/eos/unk/pad/...).
 
+    Whitespace-only special tokens are left out: they cannot mark a turn boundary.
+
     >>> from prep.tokenizer import default_tokenizer
     >>> "<|im_end|>" in special_token_strings(default_tokenizer())
     True
     """
     found = dict.fromkeys(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
     found.update(dict.fromkeys(tokenizer.all_special_tokens))
-    return tuple(s for s in found if s)
+    return tuple(s for s in found if s and s.strip())
 
 
 @lru_cache(maxsize=32)
-def _special_token_regex(tokens: tuple[str, ...]) -> re.Pattern[str] | None:
-    """One regex matching any of `tokens`, longest first (so `</s>` never shadows a longer token)."""
+def special_token_regex(tokens: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One compiled regex matching any of `tokens`, longest first (None for no tokens).
+
+    >>> special_token_regex(("<s>", "<s>x")).findall("a<s>x<s>")
+    ['<s>x', '<s>']
+    """
     if not tokens:
         return None
     return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))

@@ -40,7 +40,7 @@ class Counts:
         """True when every record read was accepted, rejected or deduplicated."""
         return self.read == self.accepted + self.rejected_total + self.deduplicated
 
-    def add(self, other: "Counts") -> None:
+    def add(self, other: Counts) -> None:
         """Add another Counts into this one."""
         self.read += other.read
         self.accepted += other.accepted
@@ -137,11 +137,13 @@ def render_report(report: Report) -> Any:
 
 
 def _common_folder(paths: list[str]) -> str:
-    """The folder all paths share ("" when none or only one path), to shorten the input column."""
+    """The folder all paths share ("" when none), to shorten the input column."""
     import os
 
-    if len(paths) < 2:
+    if not paths:
         return ""
+    if len(paths) == 1:
+        return os.path.dirname(paths[0])
     try:
         base = os.path.commonpath(paths)
     except ValueError:

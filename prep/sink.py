@@ -75,7 +75,7 @@ class JsonlSink:
         self.written = 0
         self._atomic = atomic_path(self.path)
 
-    def __enter__(self) -> "JsonlSink":
+    def __enter__(self) -> JsonlSink:
         self._file = open(self._atomic.__enter__(), "wb", buffering=1 << 20)
         return self
 
@@ -103,7 +103,7 @@ class ParquetSink:
         self._atomic = atomic_path(self.path)
         self._rows: list[dict[str, Any]] = []
 
-    def __enter__(self) -> "ParquetSink":
+    def __enter__(self) -> ParquetSink:
         import pyarrow.parquet as pq
 
         self._writer = pq.ParquetWriter(self._atomic.__enter__(), conversation_arrow_schema(), compression="zstd")

@@ -32,7 +32,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from prep.errors import ConfigError, OutputExistsError, PrepError
-from prep.load import IGNORE_INDEX, MASK_PATHS, VARLEN_PATHS, Collator, PackedDataset, Shards, load_shards, packed_attention_kwargs
+from prep.load import (
+    IGNORE_INDEX,
+    MASK_PATHS,
+    VARLEN_PATHS,
+    Collator,
+    PackedDataset,
+    Shards,
+    load_shards,
+    packed_attention_kwargs,
+)
 
 
 @dataclass
@@ -43,7 +52,7 @@ class TrainConfig:
     out_dir: str = "out"  # receives checkpoints/, metrics.jsonl and the final model + tokenizer
     model: str = ""  # local folder or hub id for AutoModelForCausalLM; "" = random init from model_config
     model_config: str = "tiny"  # built-in config (prep.models.MODEL_CONFIGS) for a random-init run when model is ""
-    attn_implementation: str = "auto"  # sdpa | eager | flash_attention_2 | flash_attention_3; auto = flash_attention_2 on CUDA if installed, else sdpa
+    attn_implementation: str = "auto"  # sdpa|eager|flash_attention_2|_3; auto = flash_attention_2 if installed (CUDA)
     batch_size: int = 8  # packed rows per micro-batch on each process
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 0  # optimizer steps; 0 = as many as `epochs` takes
@@ -149,13 +158,20 @@ def build_model(config: TrainConfig, shards: Shards, device: torch.device):
         model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
     else:
         tok = shards.manifest["tokenizer"]
-        cfg = model_config(config.model_config, len(tokenizer), shards.max_len, tok.get("bos_token_id"), tok.get("eos_token_id"), shards.pad_token_id)
+        cfg = model_config(
+            config.model_config,
+            len(tokenizer),
+            shards.max_len,
+            tok.get("bos_token_id"),
+            tok.get("eos_token_id"),
+            shards.pad_token_id,
+        )
         model = AutoModelForCausalLM.from_config(cfg, **kwargs)
     vocab = max(len(tokenizer), int(shards.manifest["tokenizer"].get("vocab_size", 0)))
     if vocab > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab)  # the shards' tokenizer added marker tokens
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if config.gradient_checkpointing:  # renamed activation_checkpointing_enable in transformers 5.x
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     return model.to(device), tokenizer
 
 
@@ -205,7 +221,9 @@ def configure_optimizer(model, config: TrainConfig, device: torch.device) -> tor
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=peak_lr(config), betas=(config.beta1, config.beta2), fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        groups, lr=peak_lr(config), betas=(config.beta1, config.beta2), fused=device.type == "cuda"
+    )
 
 
 def peak_lr(config: TrainConfig) -> float:
@@ -260,12 +278,16 @@ def packed_logits(model, inputs: dict[str, torch.Tensor], attn: str) -> torch.Te
     """Logits of a micro-batch of packed rows, each example attending only to its own earlier tokens."""
     boundaries = packed_attention_kwargs(inputs["position_ids"], attn, dtype=torch.float32)
     # use_cache=False: with a KV cache transformers also drops its own packed-sequence detection (measured on 5.24).
-    return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False, **boundaries).logits
+    return model(
+        input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False, **boundaries
+    ).logits
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Cross-entropy of next-token predictions against unshifted HF labels (-100 ignored), in fp32."""
-    flat = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+    flat = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
+    )
     return flat if reduction == "sum" else flat.view(labels.shape[0], -1)
 
 
@@ -283,22 +305,24 @@ def grad_sync(model, enabled: bool):
     return nullcontext()
 
 
-def forward_backward(model, window: list[dict[str, torch.Tensor]], attn: str, d: Dist, autocast=nullcontext) -> tuple[float, float]:
+def forward_backward(
+    model, window: list[dict[str, torch.Tensor]], attn: str, d: Dist, autocast=nullcontext
+) -> tuple[float, float]:
     """Accumulate the gradient of sum(token losses) / (trained tokens over all micro-batches and ranks).
 
     DDP and FSDP average gradients over ranks, hence the factor world_size. Returns the summed loss of this
     rank and the global trained-token count.
     """
-    inputs = [{k: v.to(d.device, non_blocking=True) for k, v in mb.items() if torch.is_tensor(v)} for mb in window]
-    (n_trained,) = all_reduce_sum([sum(trained_tokens(mb["labels"]) for mb in inputs)], d)
-    loss_sum = 0.0
-    for i, mb in enumerate(inputs):
-        with grad_sync(model, enabled=i == len(inputs) - 1):
+    (n_trained,) = all_reduce_sum([sum(trained_tokens(mb["labels"]) for mb in window)], d)  # counted on the host
+    loss_sum = torch.zeros((), device=d.device)
+    for i, mb in enumerate(window):
+        inputs = {k: v.to(d.device, non_blocking=True) for k, v in mb.items() if torch.is_tensor(v)}
+        with grad_sync(model, enabled=i == len(window) - 1):
             with autocast():
-                s = token_loss_sum(model, mb, attn)
+                s = token_loss_sum(model, inputs, attn)
             (s * d.world_size / max(n_trained, 1.0)).backward()
-        loss_sum += s.item()
-    return loss_sum, n_trained
+        loss_sum += s.detach()
+    return loss_sum.item(), n_trained
 
 
 def clip_gradients(model, max_norm: float) -> float:
@@ -319,8 +343,18 @@ def autocast_for(precision: str, device: torch.device):
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring; the first match wins.
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H100", 989e12), ("H200", 989e12),
-                   ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12)]
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("GH200", 989e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("H800", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+]
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
@@ -351,16 +385,22 @@ def latest_checkpoint(out_dir: Path) -> Path:
     """The newest complete checkpoint in out_dir; ConfigError if there is none."""
     found = sorted((out_dir / "checkpoints").glob("step-???????")) if (out_dir / "checkpoints").is_dir() else []
     if not found:
-        raise ConfigError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; run without --resume (and with --save-every N)")
+        raise ConfigError(
+            f"--resume: no checkpoint in {out_dir / 'checkpoints'}; run without --resume (and with --save-every N)"
+        )
     return found[-1]
 
 
-def save_checkpoint(out_dir: Path, step: int, position: Position, model, optimizer, config: TrainConfig, d: Dist) -> None:
+def save_checkpoint(
+    out_dir: Path, step: int, position: Position, model, optimizer, config: TrainConfig, d: Dist
+) -> None:
     """Write model, optimizer, step, data position and every rank's RNG state; atomically (tmp + rename)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     # Collective under FSDP2: every rank must call it; with cpu_offload only rank 0 gets the full tensors.
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model_sd, optim_sd = get_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     final = checkpoint_dir(out_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if d.is_main:
@@ -369,7 +409,10 @@ def save_checkpoint(out_dir: Path, step: int, position: Position, model, optimiz
         meta = {"step": step, "position": asdict(position), "world_size": d.world_size, "config": asdict(config)}
         torch.save({"model": model_sd, "optimizer": optim_sd, **meta}, tmp / "state.pt")
     barrier(d)
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}
+    rng = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None,
+    }
     torch.save(rng, tmp / f"rng-{d.rank}.pt")
     barrier(d)
     if d.is_main:
@@ -387,11 +430,20 @@ def load_checkpoint(path: Path, model, optimizer, config: TrainConfig, d: Dist) 
     saved = state["config"]
     for key in ("batch_size", "grad_accum", "seed", "shards"):
         if saved[key] != getattr(config, key):
-            raise ConfigError(f"--resume: {path} was written with {key}={saved[key]!r}, this run has {getattr(config, key)!r}")
+            raise ConfigError(
+                f"--resume: {path} was written with {key}={saved[key]!r}, this run has {getattr(config, key)!r}"
+            )
     if state["world_size"] != d.world_size:
-        raise ConfigError(f"--resume: {path} was written by {state['world_size']} processes, this run has {d.world_size}")
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
+        raise ConfigError(
+            f"--resume: {path} was written by {state['world_size']} processes, this run has {d.world_size}"
+        )
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )
     rng = torch.load(path / f"rng-{d.rank}.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] is not None and d.device.type == "cuda":
@@ -401,13 +453,29 @@ def load_checkpoint(path: Path, model, optimizer, config: TrainConfig, d: Dist) 
 
 def save_final(out_dir: Path, model, tokenizer, d: Dist) -> None:
     """save_pretrained of the model (full weights, gathered under FSDP2) and the shards' tokenizer into out_dir."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    for name in tied_duplicates(model):  # gathered separately, tied weights no longer share storage
+        state_dict.pop(name, None)
     if d.is_main:
         model.save_pretrained(out_dir, state_dict=state_dict)
         tokenizer.save_pretrained(out_dir)
     barrier(d)
+
+
+def tied_duplicates(model) -> list[str]:
+    """Names of parameters that are the same object as an earlier one (e.g. lm_head tied to the embeddings)."""
+    seen: set[int] = set()
+    duplicates = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            duplicates.append(name)
+        seen.add(id(p))
+    return duplicates
 
 
 def barrier(d: Dist) -> None:
@@ -421,7 +489,9 @@ def prepare_out_dir(config: TrainConfig, d: Dist) -> Path:
     out_dir = Path(config.out_dir)
     earlier = [p for p in (out_dir / "metrics.jsonl", out_dir / "checkpoints") if p.exists()]
     if earlier and not config.resume and not config.overwrite:
-        raise OutputExistsError(f"{out_dir} already holds a run ({earlier[0].name}); pass --resume to continue or --overwrite")
+        raise OutputExistsError(
+            f"{out_dir} already holds a run ({earlier[0].name}); pass --resume to continue or --overwrite"
+        )
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if config.overwrite and not config.resume:
@@ -432,7 +502,7 @@ def prepare_out_dir(config: TrainConfig, d: Dist) -> Path:
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per logged step) on rank 0; on resume, lines after the resumed step are dropped."""
+    """metrics.jsonl: one JSON object per logged step, rank 0 only; resuming drops lines after the resumed step."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int):
         self.path, self.enabled = path, enabled
@@ -449,16 +519,32 @@ class MetricsLog:
 
 def progress_bar(enabled: bool):
     """A rich progress bar with a free-text field for the live metrics."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    TextColumn("{task.fields[metrics]}"), disable=not enabled)
+    return Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        disable=not enabled,
+    )
 
 
 def describe(m: dict[str, Any]) -> str:
     """One line of live metrics for the progress bar."""
-    text = (f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  tok/s {m['tokens_per_s']:,.0f} (trained {m['trained_tokens_per_s']:,.0f})"
-            f"  ex/step {m['examples']:.0f}")
+    text = (
+        f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  tok/s {m['tokens_per_s']:,.0f}"
+        f" (trained {m['trained_tokens_per_s']:,.0f})  ex/step {m['examples']:.0f}"
+    )
     return text + (f"  mfu {m['mfu']:.1%}" if "mfu" in m else "")
 
 
@@ -509,11 +595,23 @@ def train_model(config: TrainConfig) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step, position = step + 1, window[-1].position
-            loss_sum, tokens, examples = all_reduce_sum([loss_sum, sum(mb.tokens for mb in window), sum(mb.examples for mb in window)], d)
+            loss_sum, tokens, examples = all_reduce_sum(
+                [loss_sum, sum(mb.tokens for mb in window), sum(mb.examples for mb in window)], d
+            )
             dt = time.perf_counter() - t0
-            metrics = {"step": step, "epoch": position.epoch, "loss": loss_sum / max(n_trained, 1.0), "lr": lr, "grad_norm": grad_norm,
-                       "tokens": int(tokens), "trained_tokens": int(n_trained), "examples": int(examples),
-                       "tokens_per_s": tokens / dt, "trained_tokens_per_s": n_trained / dt, "step_time_s": dt}
+            metrics = {
+                "step": step,
+                "epoch": position.epoch,
+                "loss": loss_sum / max(n_trained, 1.0),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": int(tokens),
+                "trained_tokens": int(n_trained),
+                "examples": int(examples),
+                "tokens_per_s": tokens / dt,
+                "trained_tokens_per_s": n_trained / dt,
+                "step_time_s": dt,
+            }
             if peak:
                 metrics["mfu"] = flops * tokens / dt / (peak * d.world_size)
             if step % config.log_every == 0 or step == steps:

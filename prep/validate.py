@@ -131,7 +131,7 @@ def validate_file(path: str, format: str = "auto", batch_size: int = BATCH_SIZE)
     Raises:
         InputError: the file is empty, unreadable, or its format cannot be detected.
 
-    >>> vf = validate_file("examples/alpaca.json")  # doctest: +SKIP
+    >>> vf = validate_file("examples/alpaca.json")
     >>> vf.format, vf.detected
     ('alpaca', True)
     """
@@ -167,7 +167,7 @@ def validate_batch(batch: RawBatch, format: str) -> ValidatedBatch:
         else:
             records = BATCH_ADAPTERS[format].validate_python(payloads)
     except ValidationError:
-        records = [_validate_one(batch.path, line, p, format) for line, p in zip(batch.lines, payloads)]
+        records = [_validate_one(batch.path, line, p, format) for line, p in zip(batch.lines, payloads, strict=True)]
     return ValidatedBatch(batch.path, format, batch.lines, records, payloads, batch.done)
 
 

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.config import FormatOption
+
 TrainOn = Literal["completion", "last", "all"]
 Overflow = Literal["split", "truncate", "drop"]
 
@@ -21,7 +23,7 @@ class PackConfig(BaseModel):
 
     inputs: list[str] = Field(min_length=1, description="input files, folders or globs (unified or raw)")
     output: str = Field(description="output folder for the shards")
-    format: str = Field("auto", description="input format, or auto to detect per file")
+    format: FormatOption = Field("auto", description="input format, or auto to detect per file")
     tokenizer: str | None = Field(None, description="local folder or hub id; None = embedded demo tokenizer")
     trust_remote_code: bool = Field(False, description="allow a hub tokenizer's own code to run")
     template: str = Field("markers", description="markers | chatml | tokenizer | path to a TOML/YAML template")

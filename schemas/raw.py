@@ -70,7 +70,7 @@ class AlpacaRecord(BaseModel):
     input: str | None = Field("", validation_alias=AliasChoices("input", "context"))
     output: str = Field(validation_alias=AliasChoices("output", "response"))
     system: str | None = None
-    history: list[tuple[str, str]] = Field(default_factory=list)
+    history: tuple[tuple[str, str], ...] = ()  # a tuple default: nothing to copy per record
 
 
 class ShareGPTTurn(BaseModel):
@@ -132,7 +132,7 @@ class TranscriptRecord(BaseModel):
     rejected: str | None = None
 
     @model_validator(mode="after")
-    def _needs_text(self) -> "TranscriptRecord":
+    def _needs_text(self) -> TranscriptRecord:
         if self.text is None and self.chosen is None:
             raise PydanticCustomError("missing", "Field required: 'text' (or 'chosen')")
         return self

@@ -22,11 +22,6 @@ TOKENIZER_NAMES = ("gpt2-dialogpt-small", "mistral-7b-instruct-v0.3", "smollm2-1
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
-def have_data() -> bool:
-    """True when ../shared/data is present."""
-    return (DATA / "alpaca" / "alpaca_en_demo.json").is_file()
-
-
 @lru_cache(maxsize=None)
 def alpaca(name: str = "alpaca_en_demo.json", limit: int | None = None) -> tuple[Conversation, ...]:
     """Alpaca records (`output` or `response` key) as single-turn Conversations."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PREP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -28,23 +29,38 @@ MARKERS = ["###instruction###", "###response###"]
 LIST_INT32 = pa.list_(pa.int32())
 
 
+def byte_tokenizer():
+    """A byte-level tokenizer of 257 tokens (256 bytes + <|endoftext|>): fast tiny-model tests on real text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, pad_token=eos, unk_token=eos)
+
+
 def load_tokenizer(name: str = "smollm2-135m", markers: bool = False):
-    """A real local tokenizer (no download), optionally with the two marker tokens added."""
+    """A real local tokenizer (no download) or "bytes", optionally with the two marker tokens added."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / name)
+    tokenizer = byte_tokenizer() if name == "bytes" else AutoTokenizer.from_pretrained(TOKENIZERS / name)
     if markers:
         tokenizer.add_tokens(MARKERS, special_tokens=True)
     return tokenizer
 
 
-def alpaca_pairs(n: int, path: Path = ALPACA_EN) -> list[tuple[str, str]]:
-    """The first `n` Alpaca records as (prompt, completion) text pairs, in the markers template."""
-    records = json.loads(path.read_text(encoding="utf-8"))[:n]
+def alpaca_pairs(n: int, path: Path | list[Path] = ALPACA_EN) -> list[tuple[str, str]]:
+    """The first `n` Alpaca records of the file(s) as (prompt, completion) text pairs, in the markers template."""
+    records = [
+        r for p in ([path] if isinstance(path, Path) else path) for r in json.loads(p.read_text(encoding="utf-8"))
+    ][:n]
     pairs = []
     for r in records:
-        user = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
-        pairs.append((f"{MARKERS[0]}\n{user}\n{MARKERS[1]}\n", r["output"]))
+        user = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+        pairs.append((f"{MARKERS[0]}\n{user}\n{MARKERS[1]}\n", r.get("output", r.get("response", ""))))
     return pairs
 
 
@@ -123,7 +139,7 @@ def build_shards(
     packed: bool = True,
     tokenizer_name: str = "smollm2-135m",
     markers: bool = False,
-    data: Path = ALPACA_EN,
+    data: Path | list[Path] = ALPACA_EN,
 ) -> Path:
     """Tokenize the first `n_examples` Alpaca records and write a contract-conforming shard folder at `out`."""
     out = Path(out)
@@ -134,7 +150,9 @@ def build_shards(
     rows = pack_best_fit(lengths, max_len) if packed else [[i] for i in range(len(examples))]
     table = rows_table(examples, rows, packed)
     bounds = np.linspace(0, table.num_rows, num_shards + 1).astype(int)
-    fingerprint = hashlib.sha256(f"{data}:{n_examples}:{max_len}:{packed}:{tokenizer_name}:{markers}".encode()).hexdigest()
+    fingerprint = hashlib.sha256(
+        f"{data}:{n_examples}:{max_len}:{packed}:{tokenizer_name}:{markers}".encode()
+    ).hexdigest()
     shard_entries = []
     for k in range(num_shards):
         name = f"data-{k:05d}-of-{num_shards:05d}.arrow"
@@ -170,7 +188,10 @@ def build_shards(
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         },
-        "inputs": [{"path": str(data.name), "sha256": "0" * 64, "bytes": data.stat().st_size}],
+        "inputs": [
+            {"path": p.name, "sha256": "0" * 64, "bytes": p.stat().st_size}
+            for p in ([data] if isinstance(data, Path) else data)
+        ],
         "columns": table.column_names,
         "counts": {
             "conversations": len(examples),
@@ -183,8 +204,23 @@ def build_shards(
             "split": 0,
             "rejected": {},
         },
-        "packing": {"efficiency": sum(lengths) / (table.num_rows * max_len), "lower_bound_rows": -(-sum(lengths) // max_len), "rows": table.num_rows},
+        "packing": {
+            "efficiency": sum(lengths) / (table.num_rows * max_len),
+            "lower_bound_rows": -(-sum(lengths) // max_len),
+            "rows": table.num_rows,
+        },
         "shards": shard_entries,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models on a shared 2-core machine: one torch thread avoids oversubscription (25x faster under load)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _shards import build_shards, single_thread  # noqa: F401 (autouse fixture)
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from transformers.utils import is_flash_attn_2_available
 
-from _shards import build_shards
 from prep.errors import ConfigError
 from prep.load import Collator, PackedDataset, load_shards
 from prep.train import check_packed_attention, packed_logits, token_losses
@@ -25,13 +25,23 @@ from prep.train import check_packed_attention, packed_logits, token_losses
 TOL = 1e-5
 LEAK = 1e-2
 ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
-PATHS = ["sdpa", "eager", pytest.param("flash_attention_2", marks=pytest.mark.skipif(
-    not (is_flash_attn_2_available() and torch.cuda.is_available()), reason="flash-attn not installed / no CUDA"))]
+PATHS = [
+    "sdpa",
+    "eager",
+    pytest.param(
+        "flash_attention_2",
+        marks=pytest.mark.skipif(
+            not (is_flash_attn_2_available() and torch.cuda.is_available()), reason="flash-attn not installed / no CUDA"
+        ),
+    ),
+]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return load_shards(build_shards(tmp_path_factory.mktemp("iso") / "shards", n_examples=120, max_len=384, num_shards=1))
+    return load_shards(
+        build_shards(tmp_path_factory.mktemp("iso") / "shards", n_examples=120, max_len=384, num_shards=1)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +56,15 @@ def rows(shards):
 
 def tiny_model(arch: str, attn: str, vocab: int, device: str = "cpu"):
     torch.manual_seed(0)
-    config = ARCHS[arch](vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=512)
+    config = ARCHS[arch](
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     dtype = torch.bfloat16 if attn.startswith("flash") else torch.float32
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype).to(device).eval()
 
@@ -140,7 +157,9 @@ def test_transformers_default_kv_cache_silently_mixes_packed_examples(shards, ro
     assert model.config.use_cache is True
     assert plain_forward_difference(model, batch, rows) > LEAK  # default use_cache=True: contaminated
     ones = torch.ones_like(batch["input_ids"])
-    assert plain_forward_difference(model, batch, rows, use_cache=False, attention_mask=ones) > LEAK  # 2D mask: contaminated
+    assert (
+        plain_forward_difference(model, batch, rows, use_cache=False, attention_mask=ones) > LEAK
+    )  # 2D mask: contaminated
     assert plain_forward_difference(model, batch, rows, use_cache=False) < TOL  # position-id detection (5.24)
 
 
@@ -153,8 +172,17 @@ def test_trainer_refuses_paths_without_explicit_boundaries(shards):
 
 def test_trainer_refuses_block_masks_that_would_drop_a_sliding_window(shards):
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, use_sliding_window=True, sliding_window=64, max_window_layers=0)
+    config = Qwen2Config(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        use_sliding_window=True,
+        sliding_window=64,
+        max_window_layers=0,
+    )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     with pytest.raises(ConfigError, match="sliding-window layers"):
         check_packed_attention(model, shards.max_len)

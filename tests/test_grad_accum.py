@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _shards import build_shards, single_thread  # noqa: F401 (autouse fixture)
 
-from _shards import build_shards
 from prep.load import Collator, PackedDataset, load_shards
 from prep.train import Dist, forward_backward, token_loss_sum, trained_tokens
 
@@ -34,8 +34,15 @@ def setup(shards_dir):
 
     shards = load_shards(shards_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=shards.manifest["tokenizer"]["vocab_size"], hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=shards.manifest["tokenizer"]["vocab_size"],
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     ds = PackedDataset(shards, shuffle=False)
     return model, [ds[i] for i in range(8)], Collator(shards.max_len, shards.pad_token_id)
@@ -60,7 +67,7 @@ def one_batch_grads(shards_dir) -> dict[str, torch.Tensor]:
 def assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[name], b[name], rtol=RTOL, atol=ATOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("k", [2, 4, 8])

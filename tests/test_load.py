@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from _shards import build_shards, single_thread, write_stream  # noqa: F401 (autouse fixture)
 
-from _shards import build_shards, write_stream
 from prep.errors import ConfigError, ShardError
 from prep.load import (
     Collator,
@@ -56,7 +56,10 @@ def test_load_shards_is_zero_copy_and_matches_manifest(shards_dir):
 
 def test_rows_follow_the_contract(shards_dir):
     rows = list(iter_rows(load_shards(shards_dir)))
-    assert sum(int(r["seq_lengths"].sum()) for r in rows) == json.loads((shards_dir / "manifest.json").read_text())["counts"]["tokens"]
+    assert (
+        sum(int(r["seq_lengths"].sum()) for r in rows)
+        == json.loads((shards_dir / "manifest.json").read_text())["counts"]["tokens"]
+    )
     for r in rows:
         starts = np.concatenate([[0], np.cumsum(r["seq_lengths"])[:-1]])
         assert len(r["input_ids"]) == len(r["labels"]) == len(r["position_ids"]) == r["seq_lengths"].sum() <= 256
@@ -241,3 +244,23 @@ def test_unsupported_attention_paths_are_refused(attn):
 def test_flash_boundaries_need_a_padding_free_batch():
     with pytest.raises(ConfigError, match="padding-free"):
         packed_attention_kwargs(torch.tensor([[0, 1], [0, 1]]), "flash_attention_2")
+
+
+def test_shards_written_by_prep_pack_load_and_follow_the_contract(tmp_path):
+    """Cross-check with the real writer (prep.pipeline / prep.write), not only this file's helper."""
+    pipeline = pytest.importorskip("prep.pipeline")
+    config = pytest.importorskip("schemas.pack_config")
+    from _shards import ALPACA_EN
+
+    source = tmp_path / "alpaca.json"
+    source.write_text(json.dumps(json.loads(ALPACA_EN.read_text())[:60]))
+    pipeline.pack_shards(config.PackConfig(inputs=[str(source)], output=str(tmp_path / "shards"), max_len=512))
+    shards = load_shards(tmp_path / "shards")
+    rows = list(iter_rows(shards))
+    assert len(rows) == shards.num_rows > 0
+    for r in rows:
+        starts = np.concatenate([[0], np.cumsum(r["seq_lengths"])[:-1]])
+        np.testing.assert_array_equal(r["position_ids"], np.concatenate([np.arange(n) for n in r["seq_lengths"]]))
+        assert (r["labels"][starts] == -100).all() and len(r["input_ids"]) <= shards.max_len
+    batch = Collator(shards.max_len, shards.pad_token_id)([PackedDataset(shards)[0]])
+    assert batch["input_ids"].shape == (1, 512)

@@ -7,27 +7,39 @@ import math
 
 import pytest
 import torch
+from _shards import build_shards, single_thread  # noqa: F401 (autouse fixture)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import prep.train as train
-from _shards import build_shards
 from prep.errors import ConfigError, OutputExistsError
 from prep.models import model_config
-from prep.train import TrainConfig, flops_per_token, get_lr, parse_args, peak_flops, train_model
+from prep.train import (
+    TrainConfig,
+    flops_per_token,
+    get_lr,
+    parse_args,
+    peak_flops,
+    train_model,
+)
 
 FAST = dict(batch_size=2, lr=3e-3, progress=False)
 
 
 @pytest.fixture(scope="module")
 def shards_dir(tmp_path_factory):
-    return build_shards(tmp_path_factory.mktemp("train") / "shards", n_examples=120, max_len=256, num_shards=2)
+    """Real Alpaca text, byte-level tokens (257): the tiny model trains in seconds, like the README demo."""
+    return build_shards(
+        tmp_path_factory.mktemp("train") / "shards", n_examples=120, max_len=512, num_shards=2, tokenizer_name="bytes"
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(shards_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
-    final = train_model(TrainConfig(shards=str(shards_dir), out_dir=str(out), max_steps=30, batch_size=2, lr=3e-3, progress=True))
+    final = train_model(
+        TrainConfig(shards=str(shards_dir), out_dir=str(out), max_steps=30, **{**FAST, "progress": True})
+    )
     return out, final
 
 
@@ -39,7 +51,7 @@ def test_loss_goes_down_over_a_few_dozen_steps(trained):
     out, final = trained
     losses = [m["loss"] for m in read_metrics(out)]
     assert len(losses) == 30 and final["step"] == 30 and final["out_dir"] == str(out)
-    assert losses[0] == pytest.approx(math.log(49152), abs=0.3)  # random init: ~uniform over the vocabulary
+    assert losses[0] == pytest.approx(math.log(257), abs=0.3)  # random init: ~uniform over the vocabulary
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
 
 
@@ -47,9 +59,20 @@ def test_metrics_jsonl_has_one_line_per_step_with_the_documented_keys(trained):
     metrics = read_metrics(trained[0])
     assert [m["step"] for m in metrics] == list(range(1, 31))
     for m in metrics:
-        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "trained_tokens", "examples", "tokens_per_s",
-                "trained_tokens_per_s", "step_time_s"} <= set(m)
-        assert 0 < m["trained_tokens"] <= m["tokens"] <= 2 * 256 and m["examples"] >= 2
+        assert {
+            "step",
+            "epoch",
+            "loss",
+            "lr",
+            "grad_norm",
+            "tokens",
+            "trained_tokens",
+            "examples",
+            "tokens_per_s",
+            "trained_tokens_per_s",
+            "step_time_s",
+        } <= set(m)
+        assert 0 < m["trained_tokens"] <= m["tokens"] <= 2 * 512 and m["examples"] >= 2
         assert "mfu" not in m  # CPU: no known peak, so MFU is omitted
     lrs = [m["lr"] for m in metrics]
     assert lrs[0] < lrs[1] == pytest.approx(3e-3)  # warmup (5% of 30 steps = 1 step), then the peak
@@ -62,10 +85,19 @@ def test_saved_model_reloads_and_generates(trained, shards_dir):
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert len(tokenizer) == len(AutoTokenizer.from_pretrained(shards_dir / "tokenizer"))
     prompt = tokenizer("###instruction###\nGive three tips for staying healthy.\n###response###\n", return_tensors="pt")
+    assert tokenizer.decode(prompt["input_ids"][0]).startswith("###instruction###")
     generated = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     assert isinstance(tokenizer.decode(generated[0]), str)
-    torch.testing.assert_close(load_file(out / "model.safetensors")["model.norm.weight"], model.model.norm.weight.detach())
+    torch.testing.assert_close(
+        load_file(out / "model.safetensors")["model.norm.weight"], model.model.norm.weight.detach()
+    )
+
+
+def untimed(metrics: list[dict]) -> list[dict]:
+    """Metrics without the wall-clock ones."""
+    timed = {"tokens_per_s", "trained_tokens_per_s", "step_time_s"}
+    return [{k: v for k, v in m.items() if k not in timed} for m in metrics]
 
 
 class Stop(Exception):
@@ -93,15 +125,18 @@ def test_resume_gives_the_result_of_an_uninterrupted_run(shards_dir, tmp_path, m
 
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: model, optimizer, schedule and data position restored
-    assert read_metrics(tmp_path / "a") == [{**m, **{k: read_metrics(tmp_path / "a")[i][k] for k in ("tokens_per_s", "trained_tokens_per_s", "step_time_s")}}
-                                            for i, m in enumerate(read_metrics(tmp_path / "b"))]
+    assert untimed(read_metrics(tmp_path / "a")) == untimed(read_metrics(tmp_path / "b"))  # same losses, lr, tokens
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-0000004", "step-0000008"]
 
 
 def test_resume_refuses_a_changed_batch_size(shards_dir, tmp_path):
     train_model(TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path), max_steps=1, save_every=1, **FAST))
     with pytest.raises(ConfigError, match="batch_size=2, this run has 4"):
-        train_model(TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path), max_steps=2, resume=True, **{**FAST, "batch_size": 4}))
+        train_model(
+            TrainConfig(
+                shards=str(shards_dir), out_dir=str(tmp_path), max_steps=2, resume=True, **{**FAST, "batch_size": 4}
+            )
+        )
 
 
 def test_resume_without_checkpoint_is_an_error(shards_dir, tmp_path):
@@ -113,31 +148,53 @@ def test_marker_tokens_resize_a_pretrained_models_embeddings(tmp_path):
     shards_dir = build_shards(tmp_path / "shards", n_examples=16, max_len=256, num_shards=1, markers=True)
     base = tmp_path / "base"
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                 num_attention_heads=2, tie_word_embeddings=True)).save_pretrained(base)
-    train_model(TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path / "out"), model=str(base), max_steps=2, **FAST))
+    AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=49152,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            tie_word_embeddings=True,
+        )
+    ).save_pretrained(base)
+    train_model(
+        TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path / "out"), model=str(base), max_steps=2, **FAST)
+    )
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.get_input_embeddings().num_embeddings == 49154 == len(AutoTokenizer.from_pretrained(tmp_path / "out"))
 
 
 def test_epochs_mode_runs_whole_accumulation_windows(shards_dir, tmp_path):
-    final = train_model(TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path), epochs=1, grad_accum=3, **{**FAST, "batch_size": 8}))
-    rows = json.loads((shards_dir / "manifest.json").read_text())["counts"]["rows"]
-    assert final["step"] == math.ceil(rows / 8) // 3
+    small = build_shards(tmp_path / "shards", n_examples=40, max_len=512, num_shards=1, tokenizer_name="bytes")
+    final = train_model(
+        TrainConfig(
+            shards=str(small), out_dir=str(tmp_path / "out"), epochs=2, grad_accum=3, **{**FAST, "batch_size": 4}
+        )
+    )
+    rows = json.loads((small / "manifest.json").read_text())["counts"]["rows"]
+    assert final["step"] == 2 * math.ceil(rows / 4) // 3 and final["epoch"] == 1
 
 
 def test_contaminating_attention_path_is_refused(shards_dir, tmp_path):
     with pytest.raises(ConfigError, match="attend to each other"):
-        train_model(TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path), attn_implementation="flex_attention", max_steps=1, **FAST))
+        train_model(
+            TrainConfig(
+                shards=str(shards_dir), out_dir=str(tmp_path), attn_implementation="flex_attention", max_steps=1, **FAST
+            )
+        )
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(shards=""), "no shards folder"),
-    (dict(batch_size=0), "--batch-size must be >= 1"),
-    (dict(warmup_ratio=1.0), "--warmup-ratio"),
-    (dict(precision="fp8"), "--precision 'fp8'"),
-    (dict(model_config="huge"), "unknown --model-config 'huge'"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(shards=""), "no shards folder"),
+        (dict(batch_size=0), "--batch-size must be >= 1"),
+        (dict(warmup_ratio=1.0), "--warmup-ratio"),
+        (dict(precision="fp8"), "--precision 'fp8'"),
+        (dict(model_config="huge"), "unknown --model-config 'huge'"),
+    ],
+)
 def test_bad_options_raise_config_error_naming_the_flag(shards_dir, tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):
         train_model(TrainConfig(**{"shards": str(shards_dir), "out_dir": str(tmp_path), "max_steps": 1, **FAST, **bad}))
@@ -158,7 +215,41 @@ def test_flops_per_token_is_6n_plus_attention():
 
 
 def test_parse_args_maps_every_flag_onto_a_field():
-    config = parse_args(["shards", "-o", "out", "--max-steps", "3", "--lr", "1e-4", "--fsdp", "--no-progress",
-                         "--attn-implementation", "eager", "--gradient-checkpointing"])
-    assert config == TrainConfig(shards="shards", out_dir="out", max_steps=3, lr=1e-4, fsdp=True, progress=False,
-                                 attn_implementation="eager", gradient_checkpointing=True)
+    config = parse_args(
+        [
+            "shards",
+            "-o",
+            "out",
+            "--max-steps",
+            "3",
+            "--lr",
+            "1e-4",
+            "--fsdp",
+            "--no-progress",
+            "--attn-implementation",
+            "eager",
+            "--gradient-checkpointing",
+        ]
+    )
+    assert config == TrainConfig(
+        shards="shards",
+        out_dir="out",
+        max_steps=3,
+        lr=1e-4,
+        fsdp=True,
+        progress=False,
+        attn_implementation="eager",
+        gradient_checkpointing=True,
+    )
+
+
+@pytest.mark.parametrize("variant", [dict(gradient_checkpointing=True), dict(attn_implementation="eager")])
+def test_checkpointing_and_eager_path_train_like_the_default(shards_dir, tmp_path, variant):
+    run = dict(shards=str(shards_dir), max_steps=3, **FAST)
+    train_model(TrainConfig(out_dir=str(tmp_path / "base"), **run))
+    train_model(TrainConfig(out_dir=str(tmp_path / "variant"), **run, **variant))
+    base, other = read_metrics(tmp_path / "base"), read_metrics(tmp_path / "variant")
+    assert [m["loss"] for m in other] == pytest.approx([m["loss"] for m in base], abs=1e-5)
+    a, b = load_file(tmp_path / "base" / "model.safetensors"), load_file(tmp_path / "variant" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

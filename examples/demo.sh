@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The end-to-end demo on the bundled examples: convert → pack → inspect → train → generate, on a CPU.
+# Usage: bash examples/demo.sh [OUT_DIR]   (run from the repository root, with prep installed)
+set -euo pipefail
+out="${1:-demo-out}"
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+cd "$(dirname "$0")/.."
+rm -rf "$out" && mkdir -p "$out"
+
+echo "== 1. convert every bundled format to the unified form (bad records go to the rejects file)"
+prep convert examples/*.json examples/*.jsonl examples/*.jsonl.gz examples/*.csv -o "$out/unified.jsonl"
+
+echo "== 2. pack: markers template, embedded demo tokenizer, exact label masks, packed rows of 1024 tokens"
+prep pack "$out/unified.jsonl" -o "$out/shards" --max-len 1024
+
+echo "== 3. look at what the model will learn (trained tokens in green) and check every invariant"
+prep inspect "$out/shards" --row 0
+prep verify "$out/shards"
+
+echo "== 4. train a tiny random-init Llama on the shards (CPU), then reload it and generate"
+prep train "$out/shards" -o "$out/run" --max-steps 40
+python - "$out/run" <<'PY'
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+final = f"{sys.argv[1]}/final"
+tok, model = AutoTokenizer.from_pretrained(final), AutoModelForCausalLM.from_pretrained(final)
+prompt = "###instruction###\nName a primary colour.\n\n###response###\n"
+ids = tok(prompt, return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+print("generated:", repr(tok.decode(out[0, ids.shape[1]:])))
+PY
+echo "demo done: outputs in $out/"

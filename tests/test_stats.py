@@ -1,0 +1,188 @@
+"""Tests for prep.stats and prep.plot: numbers that agree with the manifest, and valid plot files."""
+
+from __future__ import annotations
+
+import json
+import struct
+import xml.etree.ElementTree as ET
+import zlib
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from _packed import ALPACA_EN, TOKENIZERS, packed_shards
+from prep.errors import ConfigError
+from prep.load import load_shards
+from prep.plot import write_histogram
+from prep.render import BUILTIN_TEMPLATES
+from prep.stats import ROLES, input_stats, length_histogram, render_stats, role_token_counts, shard_stats
+from prep.tokenizer import default_tokenizer
+from schemas.conversation import Conversation, Message
+
+SMOLLM = str(TOKENIZERS / "smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def alpaca_200(tmp_path_factory):
+    """The 200 Alpaca records the test shards are made of, as an input file."""
+    path = tmp_path_factory.mktemp("inputs") / "alpaca200.json"
+    path.write_text(json.dumps(json.loads(ALPACA_EN.read_text(encoding="utf-8"))[:200]), encoding="utf-8")
+    return path
+
+
+# ---------- hand-computed cases ----------
+
+
+def test_length_histogram_bins_are_right_closed():
+    edges, counts = length_histogram(np.array([1, 2, 3, 4, 5, 8]), max_len=8, bins=4)
+    assert edges.tolist() == [0, 2, 4, 6, 8]
+    assert counts.tolist() == [2, 2, 1, 1]
+    edges, counts = length_histogram(np.array([10]), max_len=8, bins=4)  # longer than max_len widens the range
+    assert edges[-1] >= 10 and counts.sum() == 1
+
+
+def test_role_token_counts_by_span():
+    conv = Conversation(
+        id="a",
+        messages=[
+            Message(role="system", content="S"),
+            Message(role="user", content="Hi"),
+            Message(role="assistant", content="Yo!"),
+        ],
+    )
+    roles, totals = role_token_counts([conv], default_tokenizer(), BUILTIN_TEMPLATES["chatml"])
+    # "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo!<|im_end|>"
+    # a span is the content plus its end marker; prefixes ("<|im_start|>role\n") and "\n" separators are template
+    assert dict(zip(ROLES, roles.tolist())) == {"system": 2, "user": 3, "assistant": 4, "template": 8 + 6 + 11 + 2}
+    assert totals.tolist() == [roles.sum()]
+
+
+# ---------- shards ----------
+
+
+def test_shard_stats_agree_with_the_manifest():
+    path = packed_shards()
+    manifest = json.loads((path / "manifest.json").read_text())
+    stats = shard_stats(path)
+    for key in ("examples", "rows", "tokens", "trained_tokens", "truncated", "dropped", "split", "conversations"):
+        assert stats.counts[key] == manifest["counts"][key], key
+    assert stats.packing == manifest["packing"]
+    assert stats.packing["lower_bound_rows"] == -(-manifest["counts"]["tokens"] // manifest["max_len"])
+    assert stats.counts["truncated"] > 0  # the 256-token limit truncates real records
+    assert stats.tokens_by_role == {
+        "trained": manifest["counts"]["trained_tokens"],
+        "masked": manifest["counts"]["tokens"] - manifest["counts"]["trained_tokens"],
+    }
+    assert stats.trained_fraction == pytest.approx(manifest["counts"]["trained_tokens"] / manifest["counts"]["tokens"])
+    assert stats.histogram()[1].sum() == manifest["counts"]["examples"]
+
+
+def test_longest_examples_point_at_real_examples():
+    path = packed_shards()
+    stats = shard_stats(path, top=3)
+    table = load_shards(path).table
+    assert [x.tokens for x in stats.longest] == sorted(stats.lengths.tolist(), reverse=True)[:3]
+    for item in stats.longest:
+        row, example = (int(part.split()[-1]) for part in item.where.split(","))
+        seq = table.column("seq_lengths")[row].as_py()
+        assert seq[example] == item.tokens
+        start = sum(seq[:example])
+        labels = np.array(table.column("labels")[row].as_py()[start : start + item.tokens])
+        assert np.count_nonzero(labels != -100) == item.trained
+
+
+def test_input_stats_match_the_shards_made_from_the_same_records(alpaca_200):
+    stats = input_stats(alpaca_200, tokenizer=SMOLLM, template="markers", max_len=256, overflow="truncate")
+    manifest = json.loads((packed_shards() / "manifest.json").read_text())
+    for key in ("conversations", "examples", "rows", "tokens", "trained_tokens", "truncated", "dropped", "split"):
+        assert stats.counts[key] == manifest["counts"][key], key
+    assert stats.packing == manifest["packing"]  # the same best-fit-decreasing plan
+    assert stats.counts["over_max_len"] == stats.counts["truncated"]
+    roles = stats.tokens_by_role
+    assert roles["system"] == 0 and roles["user"] > 0 and roles["template"] > 0
+    assert sum(roles.values()) > stats.counts["tokens"]  # roles count whole conversations, before truncation
+
+
+def test_input_stats_without_overflow_count_assistant_tokens_as_trained(alpaca_200):
+    stats = input_stats(alpaca_200, tokenizer=SMOLLM, template="markers", max_len=4096)
+    assert stats.counts["truncated"] == stats.counts["over_max_len"] == 0
+    assert stats.tokens_by_role["assistant"] == stats.counts["trained_tokens"]
+    assert sum(stats.tokens_by_role.values()) == stats.counts["tokens"]
+    assert stats.longest[0].tokens == stats.counts["longest_conversation"] == stats.lengths.max()
+    assert stats.longest[0].where  # the example id
+
+
+def test_render_stats_shows_the_numbers():
+    stats = shard_stats(packed_shards())
+    console = Console(record=True, width=120)
+    console.print(render_stats(stats))
+    out = console.export_text()
+    assert f"{stats.counts['tokens']:,}" in out and "packing efficiency" in out and "█" in out
+    assert f"lower bound {stats.packing['lower_bound_rows']}" in out
+
+
+# ---------- plots ----------
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, data) of every chunk, checking each CRC."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body)
+        chunks.append((kind, body))
+        pos += 12 + length
+    return chunks
+
+
+def test_png_plot_is_a_valid_image(tmp_path):
+    edges, counts = shard_stats(packed_shards()).histogram()
+    data = write_histogram(tmp_path / "lengths.png", edges, counts).read_bytes()
+    chunks = _png_chunks(data)
+    assert [k for k, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
+    width, height, depth, colour, *_ = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, colour) == (8, 2)
+    pixels = zlib.decompress(chunks[1][1])
+    assert len(pixels) == height * (1 + 3 * width)
+    image = np.frombuffer(pixels, np.uint8).reshape(height, 1 + 3 * width)[:, 1:].reshape(height, width, 3)
+    assert (image == (46, 139, 87)).all(axis=2).sum() > 1000  # the bars are drawn
+
+
+class _Balanced(HTMLParser):
+    """Records start/end tags and checks that they nest."""
+
+    VOID = {"meta", "br", "img", "rect", "line"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag not in self.VOID:
+            assert self.stack.pop() == tag
+
+
+def test_html_plot_is_a_valid_page(tmp_path):
+    edges, counts = shard_stats(packed_shards()).histogram()
+    text = write_histogram(tmp_path / "lengths.html", edges, counts, title="lengths <&>").read_text(encoding="utf-8")
+    parser = _Balanced()
+    parser.feed(text)
+    assert parser.stack == [] and parser.tags.count("rect") == len(counts) and "script" not in parser.tags
+    svg = ET.fromstring(text[text.index("<svg") : text.index("</svg>") + len("</svg>")])
+    assert svg.tag.endswith("svg") and len(svg.findall("{http://www.w3.org/2000/svg}rect")) == len(counts)
+    ET.fromstring(write_histogram(tmp_path / "lengths.svg", edges, counts).read_text(encoding="utf-8"))
+    with pytest.raises(ConfigError, match="--plot"):
+        write_histogram(tmp_path / "lengths.jpg", edges, counts)
