@@ -10,19 +10,19 @@ rm -rf "$out" && mkdir -p "$out"
 echo "== 1. convert every bundled format to the unified form (bad records go to the rejects file)"
 prep convert examples/*.json examples/*.jsonl examples/*.jsonl.gz examples/*.csv -o "$out/unified.jsonl"
 
-echo "== 2. pack: markers template, embedded demo tokenizer, exact label masks, packed rows of 1024 tokens"
-prep pack "$out/unified.jsonl" -o "$out/shards" --max-len 1024
+echo "== 2. pack: markers template, embedded demo tokenizer, exact label masks, packed rows of 512 tokens"
+prep pack "$out/unified.jsonl" -o "$out/shards" --max-len 512
 
 echo "== 3. look at what the model will learn (trained tokens in green) and check every invariant"
 prep inspect "$out/shards" --row 0
 prep verify "$out/shards"
 
 echo "== 4. train a tiny random-init Llama on the shards (CPU), then reload it and generate"
-prep train "$out/shards" -o "$out/run" --max-steps 40
+prep train "$out/shards" -o "$out/run" --max-steps 30 --batch-size 4 --lr 3e-3
 python - "$out/run" <<'PY'
 import sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
-final = f"{sys.argv[1]}/final"
+final = sys.argv[1]
 tok, model = AutoTokenizer.from_pretrained(final), AutoModelForCausalLM.from_pretrained(final)
 prompt = "###instruction###\nName a primary colour.\n\n###response###\n"
 ids = tok(prompt, return_tensors="pt").input_ids

@@ -385,16 +385,11 @@ class Encoder:
 
     def _end_token_id(self, end_text: str) -> int:
         """Id of the special token that ends `end_text` (the end-of-turn marker or EOS), else -1."""
-        cached = self._end_ids.get(end_text)
-        if cached is None:
-            cached = -1
-            last = None
-            for last in self._special_re.finditer(end_text) if self._special_re else ():
-                pass
-            if last is not None and last.end() == len(end_text):
-                cached = self._special_ids[last.group()]
-            self._end_ids[end_text] = cached
-        return cached
+        if end_text not in self._end_ids:
+            matches = list(self._special_re.finditer(end_text)) if self._special_re else []
+            last = matches[-1] if matches else None
+            self._end_ids[end_text] = self._special_ids[last.group()] if last and last.end() == len(end_text) else -1
+        return self._end_ids[end_text]
 
     def _verify(
         self, id_lists: list[list[int]], flat_ids: np.ndarray, trained: np.ndarray, starts: np.ndarray, checks: list

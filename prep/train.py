@@ -655,6 +655,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
+def finish_distributed() -> None:
+    """Tear down the process group if one was set up (at the end of a torchrun run)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python -m prep.train` / `torchrun -m prep.train`: errors become one line and exit code 1."""
     try:
