@@ -66,39 +66,52 @@ TrainOnOpt = Annotated[str, typer.Option("--train-on", help="completion | last |
 MaxLenOpt = Annotated[int, typer.Option("--max-len", help="Tokens per row (and the longest example).")]
 OverflowOpt = Annotated[str, typer.Option(help="split | truncate | drop: what happens to a longer example.")]
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="auto|alpaca|sharegpt|openai|transcript|unified")]
+SplitOpt = Annotated[str, typer.Option(help="Which split of a folder packed with a validation split.")]
 RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub tokenizer's own code to run.")]
 
 
 @app.command()
 def pack(
-    inputs: Annotated[list[str], typer.Argument(help="Unified JSONL/Parquet from `prep convert`, or raw files.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Output folder for the shards.")],
+    inputs: Annotated[Optional[list[str]], typer.Argument(
+        help="Unified JSONL/Parquet from `prep convert`, or raw files (or use --recipe).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder for the shards.")] = None,
+    recipe: Annotated[Optional[str], typer.Option(
+        help="Recipe file (YAML/TOML): sources, weights, split, options. Flags given here override it.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(
+        "--val-fraction", help="Share of every source held out as shards/validation/ (by content hash).")] = None,
+    val_size: Annotated[Optional[int], typer.Option(
+        "--val-size", help="Conversations of every source held out as shards/validation/.")] = None,
     tokenizer: TokenizerOpt = None,
-    template: TemplateOpt = "markers",
-    max_len: MaxLenOpt = 2048,
-    train_on: TrainOnOpt = "completion",
-    overflow: OverflowOpt = "split",
-    pack: Annotated[bool, typer.Option("--pack/--no-pack", help="Pack several examples per row.")] = True,
-    seed: Annotated[int, typer.Option(help="Seed of the row shuffle.")] = 0,
-    shard_size: Annotated[str, typer.Option("--shard-size", help="Target size of each shard file.")] = "256MB",
-    add_special_tokens: Annotated[bool, typer.Option("--add-special-tokens",
-                                                     help="Register the template markers as special tokens.")] = False,
-    format: FormatOpt = "auto",
+    template: Annotated[Optional[str], typer.Option(help="markers | chatml | tokenizer | path; default markers.")] = None,
+    max_len: Annotated[Optional[int], typer.Option("--max-len", help="Tokens per row; default 2048.")] = None,
+    train_on: Annotated[Optional[str], typer.Option(
+        "--train-on", help="completion | last | all; default completion.")] = None,
+    overflow: Annotated[Optional[str], typer.Option(help="split | truncate | drop; default split.")] = None,
+    pack: Annotated[Optional[bool], typer.Option("--pack/--no-pack", help="Pack several examples per row.",
+                                                 show_default="pack")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the row shuffle, split and weights; default 0.")] = None,
+    shard_size: Annotated[Optional[str], typer.Option("--shard-size", help="Target shard size; default 256MB.")] = None,
+    add_special_tokens: Annotated[Optional[bool], typer.Option(
+        "--add-special-tokens/--no-add-special-tokens", help="Register the template markers as special tokens.",
+        show_default="no")] = None,
+    format: Annotated[Optional[str], typer.Option("--format", "-f", help=FORMAT_HELP + " Default: auto.")] = None,
     trust_remote_code: RemoteCodeOpt = False,
-    dedup: Annotated[bool, typer.Option("--dedup", help="Drop exact duplicate conversations.")] = False,
+    dedup: Annotated[Optional[bool], typer.Option("--dedup/--no-dedup", help="Drop exact duplicate conversations.",
+                                                  show_default="no")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Conversations per tokenizer call.")] = 2048,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if anything was rejected or dropped.")] = False,
 ) -> None:
-    """Render, tokenize, mask and pack conversations into Arrow shards with a manifest."""
+    """Render, tokenize, mask and pack conversations into Arrow shards with a manifest.
+
+    With --recipe the recipe's options apply, and any flag given here wins over the file.
+    """
+    flags = dict(locals())  # first statement: exactly the parameters; None = not given
     from rich.console import Console
 
     from prep.pipeline import build_config, check_strict, pack_shards, render_pack_report
 
-    config = build_config(inputs=inputs, output=output, tokenizer=tokenizer, template=template, max_len=max_len,
-                          train_on=train_on, overflow=overflow, pack=pack, seed=seed, shard_size=shard_size,
-                          add_special_tokens=add_special_tokens, format=format, trust_remote_code=trust_remote_code,
-                          dedup=dedup, batch_size=batch_size, overwrite=overwrite, strict=strict)
+    config = build_config(**flags)
     report = pack_shards(config, progress=sys.stderr.isatty())
     Console().print(render_pack_report(report))
     check_strict(config, report)
@@ -118,17 +131,19 @@ def inspect(
     overflow: OverflowOpt = "split",
     format: FormatOpt = "auto",
     trust_remote_code: RemoteCodeOpt = False,
+    split: SplitOpt = "train",
 ) -> None:
     """Show a packed row (or one input record) token by token: trained tokens green, masked grey."""
     from rich.console import Console
 
     from prep.errors import ConfigError
     from prep.inspect import inspect_record, inspect_shards, render_row
+    from prep.load import split_path
 
     if record is None:
         if not os.path.isdir(path):
             raise ConfigError(f"{path}: not a shard folder; to inspect an input record pass --record N")
-        view = inspect_shards(path, row=row, example=example)
+        view = inspect_shards(split_path(path, split), row=row, example=example)
     else:
         view = inspect_record(path, record, tokenizer=tokenizer, template=template, train_on=train_on,
                               max_len=max_len, overflow=overflow, format=format,
@@ -150,15 +165,17 @@ def stats(
     pack: Annotated[bool, typer.Option("--pack/--no-pack", help="Packing to estimate for inputs.")] = True,
     format: FormatOpt = "auto",
     trust_remote_code: RemoteCodeOpt = False,
+    split: SplitOpt = "train",
 ) -> None:
     """Token-length distribution, tokens per role, trained fraction and packing efficiency."""
     from rich.console import Console
 
     from prep.plot import write_histogram
+    from prep.load import split_path
     from prep.stats import input_stats, render_stats, shard_stats
 
     if len(inputs) == 1 and os.path.isfile(os.path.join(inputs[0], "manifest.json")):
-        result = shard_stats(inputs[0], top=top)
+        result = shard_stats(split_path(inputs[0], split), top=top)
     else:
         result = input_stats(inputs, tokenizer=tokenizer, template=template, train_on=train_on, max_len=max_len,
                              overflow=overflow, format=format, pack=pack, top=top,
@@ -179,9 +196,15 @@ def verify(
 
     from prep.verify import render_verify, verify_shards
 
-    report = verify_shards(path, limit=limit)
-    Console(soft_wrap=True).print(render_verify(report))
-    if not report.ok:
+    from prep.load import split_names
+
+    folders = [os.path.join(path, name) for name in split_names(path)] or [path]
+    ok = True
+    for folder in folders:
+        report = verify_shards(folder, limit=limit)
+        Console(soft_wrap=True).print(render_verify(report))
+        ok = ok and report.ok
+    if not ok:
         raise typer.Exit(1)
 
 
@@ -209,6 +232,9 @@ def train(
     fsdp: Annotated[bool, typer.Option("--fsdp/--no-fsdp", help="With torchrun: FSDP2 instead of DDP.")] = False,
     seed: Annotated[int, typer.Option(help="Model init and data order.")] = 0,
     log_every: Annotated[int, typer.Option("--log-every", help="Steps between metrics.jsonl lines.")] = 1,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between validation passes (and one at the "
+                                            "end); 0 = only at the end, when the shards have a validation split.")] = 0,
+    eval_batches: Annotated[int, typer.Option("--eval-batches", help="Micro-batches per validation pass; 0 = all.")] = 0,
     save_every: Annotated[int, typer.Option("--save-every", help="Steps between checkpoints; 0 = none.")] = 0,
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="Newest checkpoints kept.")] = 2,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the newest checkpoint.")] = False,
@@ -228,13 +254,36 @@ def train(
     finish_distributed()
 
 
+class _Interrupted(BaseException):
+    """Ctrl-C in the CLI: a BaseException that typer does not turn into a silent exit, so main() can report it."""
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    """Raise _Interrupted once and ignore further Ctrl-C, so the temp-file cleanup it triggers runs to the end."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise _Interrupted
+
+
 def main() -> None:
-    """Entry point: run the app; a PrepError becomes one red line on stderr and exit code 1."""
+    """Entry point: run the app; a PrepError becomes one red line on stderr and exit code 1.
+
+    Ctrl-C (SIGINT) unwinds every stage's `with` block (temporary files and folders are deleted), then prints
+    one line and exits with 130.
+    """
+    import signal
+
+    from rich.console import Console
+    from rich.text import Text
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when SIGINT is ignored (nohup, &)
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         app()
     except PrepError as e:
-        from rich.console import Console
-        from rich.text import Text
-
         Console(stderr=True).print(Text(f"error: {e}", style="red"), soft_wrap=True)
         sys.exit(1)
+    except (_Interrupted, KeyboardInterrupt):
+        Console(stderr=True).print(Text("interrupted; no output written", style="red"), soft_wrap=True)
+        sys.exit(130)

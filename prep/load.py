@@ -24,6 +24,7 @@ from prep.errors import ConfigError, ShardError
 
 FORMAT = "prep-shards"
 FORMAT_VERSION = 1
+SPLITS_FILE = "dataset_dict.json"  # marks a folder of split shard folders (train/, validation/)
 IGNORE_INDEX = -100
 SHARD_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lengths")
 LIST_INT32 = pa.list_(pa.int32())
@@ -142,24 +143,57 @@ def _check_columns(file: Path, table: pa.Table, expected: Sequence[str]) -> None
             raise ShardError(f"{file}: column {name!r} has {col.null_count} null rows")
 
 
-def load_shards(path: str | Path) -> Shards:
+def split_names(path: str | Path) -> list[str]:
+    """The splits of a folder written with a validation split (`["train", "validation"]`), else [].
+
+    >>> split_names("shards/")  # doctest: +SKIP
+    ['train', 'validation']
+    """
+    file = Path(path) / SPLITS_FILE
+    if not file.is_file():
+        return []
+    try:
+        return list(json.loads(file.read_text(encoding="utf-8"))["splits"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardError(f"{file}: unreadable split list: {e}") from e
+
+
+def split_path(path: str | Path, split: str = "train") -> Path:
+    """The shard folder of `split`: `path/split` in a split folder; `path` itself for "train" otherwise.
+
+    Raises:
+        ShardError: the folder has no such split.
+    """
+    path = Path(path)
+    names = split_names(path)
+    if split in names:
+        return path / split
+    if not names and split == "train":
+        return path
+    raise ShardError(f"{path}: no {split!r} split (has {names or ['train']}); pack with --val-fraction or --val-size")
+
+
+def load_shards(path: str | Path, split: str = "train") -> Shards:
     """Open a shard folder: validate the manifest, memory-map every shard, check column names and types.
 
     Opening costs O(number of files + record batches), not O(data): no buffer is copied into memory,
-    and sha256 checks are left to `prep verify`.
+    and sha256 checks are left to `prep verify`. A folder packed with a validation split holds `train/`
+    and `validation/`; `split` picks one (the train split by default).
 
     Args:
         path: folder written by `prep pack`.
+        split: "train" or "validation".
     Returns:
         Shards(path, manifest, table) with one zero-copy table over all shard files, in manifest order.
     Raises:
-        ShardError: see `read_manifest`; also unreadable files, row counts or column types that disagree.
+        ShardError: see `read_manifest`; also unreadable files, row counts or column types that disagree,
+            or a split the folder does not have.
 
     >>> shards = load_shards("shards/")          # doctest: +SKIP
     >>> shards.table.column_names[:2], shards.max_len  # doctest: +SKIP
     (['input_ids', 'labels'], 2048)
     """
-    path = Path(path)
+    path = split_path(path, split)
     manifest = read_manifest(path)
     tables = []
     for entry in manifest["shards"]:

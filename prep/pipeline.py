@@ -4,6 +4,11 @@ The stages stream: conversations are converted and encoded batch by batch, encod
 to disk (prep.spill), only their lengths stay in memory, the whole data set is planned at once
 (prep.pack) and the shards are written atomically (prep.write). Rejected records and examples go to
 `shards/rejects.jsonl`, and every one of them is counted.
+
+A recipe (prep.recipe) mixes several sources; the plain command line is the one-source mixture of weight
+1.0 and takes the same path. Per source: contents an earlier source had are dropped (and counted), the
+validation contents are held out, and the rest is weighted. A source that is weighted or split is held in
+memory as conversations (not tokens) until its choices are made; a weight-1.0 unsplit source streams.
 """
 
 from __future__ import annotations
@@ -24,23 +29,36 @@ from prep.encode import Encoder
 from prep.errors import AccountingError, ConfigError, PrepError
 from prep.pack import plan_bfd, plan_unpacked, shuffle_rows
 from prep.read import expand_inputs
+from prep.recipe import copies, load_recipe, repeat, validation_hashes, with_system
 from prep.render import Template, load_template, template_sha256
-from prep.report import Report
+from prep.report import Counts, Report
 from prep.spill import ExampleStore
-from prep.tokenizer import MarkerCheck, check_markers, load_tokenizer, register_markers, tokenizer_fingerprint
-from prep.write import check_output, sha256_file, write_shards
-from schemas.conversation import Conversation
+from prep.tokenizer import (
+    DEFAULT_TOKENIZER_NAME,
+    DEFAULT_TOKENIZER_NOTICE,
+    MarkerCheck,
+    check_markers,
+    load_tokenizer,
+    register_markers,
+    tokenizer_fingerprint,
+)
+from prep.write import check_output, sha256_file, staging_dir, write_shards
+from schemas.conversation import Conversation, content_hash
 from schemas.pack_config import PackConfig
+from schemas.recipe import Source
 from schemas.reject import Reject
 
 REJECTS_FILE = "rejects.jsonl"
 # Options that change the shards' bytes; output/overwrite/strict do not.
-_FINGERPRINT_EXCLUDE = {"inputs", "output", "overwrite", "strict", "batch_size"}
+_FINGERPRINT_EXCLUDE = {"inputs", "output", "overwrite", "strict", "batch_size", "recipe"}
+SPLITS = ("train", "validation")
+SPLITS_FORMAT = "prep-shards-splits"  # the top-level manifest of a folder holding train/ and validation/
 
 
 @dataclass
 class PackReport:
-    """What `pack_shards` did: input accounting, example counts, packing, the manifest and notices."""
+    """What `pack_shards` did: input accounting, example counts (all splits and per split), per-source
+    counts of a mixture, packing, the manifest and notices."""
 
     output: str
     up_to_date: bool
@@ -50,10 +68,39 @@ class PackReport:
     rejected: Counter[str] = field(default_factory=Counter)
     markers: list[MarkerCheck] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    split_counts: dict[str, Counter[str]] = field(default_factory=lambda: {s: Counter() for s in SPLITS})
+    split_rejected: dict[str, Counter[str]] = field(default_factory=lambda: {s: Counter() for s in SPLITS})
+    split_manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class _Run:
+    """Everything one pack run shares between its steps."""
+
+    config: PackConfig
+    sources: list[Source]
+    tokenizer: Any
+    templates: dict[str, Template]
+    added: list[str]
+    inputs: list[dict[str, Any]]
+    fingerprint: str
+    split: bool
+
+    @property
+    def template(self) -> Template:
+        """The run's template (a source may override it)."""
+        return self.templates[self.config.template]
 
 
 def pack_shards(config: PackConfig, progress: bool = False) -> PackReport:
-    """Convert, encode, pack and write shards for `config.inputs` into `config.output`.
+    """Convert, encode, pack and write shards for `config.inputs` (or the sources of `config.recipe`).
+
+    The plain command line is a one-source mixture of weight 1.0. A mixture removes contents already seen
+    in an earlier source, splits each source (validation held out by content hash), weights the training
+    part (a seeded fraction, or repeats) and encodes everything once. Without a validation split the output
+    is one shard folder; with one it is `train/` and `validation/` shard folders, `dataset_dict.json` and a
+    top-level `manifest.json`, written atomically together.
 
     Args:
         config: every option of `prep pack`.
@@ -65,57 +112,254 @@ def pack_shards(config: PackConfig, progress: bool = False) -> PackReport:
 
     Raises:
         InputError: unusable input. OutputExistsError: output exists (without `--overwrite`).
-        ConfigError: a bad option, template or tokenizer. AccountingError: counts do not add up (a bug).
+        ConfigError: a bad option, recipe, template or tokenizer. AccountingError: counts do not add up (a bug).
 
     >>> report = pack_shards(PackConfig(inputs=["examples/alpaca.json"], output="/tmp/s"))  # doctest: +SKIP
     >>> report.manifest["counts"]["rows"]  # doctest: +SKIP
     3
     """
-    paths = expand_inputs(config.inputs)
-    tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
-    template = load_template(config.template, tokenizer)
-    added = register_markers(tokenizer, template) if config.add_special_tokens else []
-    inputs = [_describe_input(p) for p in paths]
-    fingerprint = _fingerprint(config, inputs, tokenizer, template)
+    run = _prepare(config)
     existing = _existing_manifest(config.output)
-    if existing is not None and existing.get("fingerprint") == fingerprint and not config.overwrite:
+    if existing is not None and existing.get("fingerprint") == run.fingerprint and not config.overwrite:
         return PackReport(config.output, True, Report("prep pack"), existing, notices=["shards are up to date"])
     check_output(config.output, config.overwrite)
-    report = PackReport(config.output, False, Report("prep pack"), {}, markers=check_markers(template, tokenizer))
+    report = PackReport(config.output, False, Report("prep pack"), {}, markers=check_markers(run.template, run.tokenizer))
     if config.tokenizer is None:
-        report.notices.append("no --tokenizer given: using the embedded byte-level demo tokenizer")
-    encoder = Encoder(tokenizer, template, train_on=config.train_on, max_len=config.max_len, overflow=config.overflow)
+        report.notices.append(DEFAULT_TOKENIZER_NOTICE)
     parent = Path(config.output).absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
-    with ExampleStore(parent=parent) as store:
-        rejects_path = store.directory / REJECTS_FILE
-        with open(rejects_path, "wb") as rejects, _progress(progress) as bar:
-            batches = _batched(iter_conversations(paths, config.format, dedup=config.dedup, report=report.inputs),
-                               config.batch_size)
-            for conversations, convert_rejects in batches:
+    with ExampleStore(parent=parent) as train, ExampleStore(parent=parent) as validation:
+        stores = {"train": train, "validation": validation}
+        rejects_path = train.directory / REJECTS_FILE
+        _encode_sources(run, report, stores, rejects_path, progress)
+        _check_accounting(report)
+        if run.split:
+            if not report.split_counts["validation"]["examples"]:
+                report.notices.append("the validation split is empty: raise --val-fraction or --val-size")
+            _write_splits(run, report, stores, rejects_path)
+        else:
+            _write_single(run, report, train, rejects_path)
+    return report
+
+
+def _prepare(config: PackConfig) -> _Run:
+    """Load the sources, tokenizer and templates, describe the inputs and fingerprint the run."""
+    sources = mixture_sources(config)
+    paths = [p for source in sources for p in expand_inputs(source.paths)]
+    tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
+    names = [config.template] + [s.template for s in sources if s.template and s.template != config.template]
+    templates = {name: load_template(name, tokenizer) for name in dict.fromkeys(names)}
+    added = []
+    if config.add_special_tokens:
+        for template in templates.values():
+            added += register_markers(tokenizer, template)
+    inputs = [_describe_input(p) for p in paths]
+    split = any(_holds_out(*_split_of(s, config)) for s in sources)
+    run = _Run(config, sources, tokenizer, templates, added, inputs, "", split)
+    run.fingerprint = _fingerprint(run)
+    return run
+
+
+def mixture_sources(config: PackConfig) -> list[Source]:
+    """The sources of a run: the recipe's, or one source of weight 1.0 holding every input.
+
+    A `format` other than auto on the command line wins over every source's own format.
+
+    >>> [s.paths for s in mixture_sources(PackConfig(inputs=["a.json", "b.jsonl"], output="o"))]
+    [['a.json', 'b.jsonl']]
+    """
+    if config.recipe is None:
+        return [Source(path=list(config.inputs), format=config.format)]
+    sources = load_recipe(config.recipe).sources
+    if config.format != "auto":
+        sources = [s.model_copy(update={"format": config.format}) for s in sources]
+    return sources
+
+
+def _split_of(source: Source, config: PackConfig) -> tuple[float | None, int | None]:
+    """The validation split of a source: its own, else the global one."""
+    if source.val_fraction is not None or source.val_size is not None:
+        return source.val_fraction, source.val_size
+    return config.val_fraction, config.val_size
+
+
+def _holds_out(val_fraction: float | None, val_size: int | None) -> bool:
+    """Whether a split policy asks for any validation data at all."""
+    return bool(val_fraction) or bool(val_size)
+
+
+def _is_trivial(run: _Run) -> bool:
+    """One source, weight 1, no override and no split: exactly the plain command line."""
+    (source, *rest) = run.sources
+    return not rest and source.weight == 1.0 and source.template is None and source.system is None and not run.split
+
+
+def _encode_sources(run: _Run, report: PackReport, stores: dict[str, ExampleStore], rejects_path: Path,
+                    progress: bool) -> None:
+    """Stream every source through dedup, split and weighting into the encoder and the split's store."""
+    config = run.config
+    encoders = {name: Encoder(run.tokenizer, t, train_on=config.train_on, max_len=config.max_len,
+                              overflow=config.overflow) for name, t in run.templates.items()}
+    earlier: set[str] | None = set() if len(run.sources) > 1 else None
+    with open(rejects_path, "wb") as rejects, _progress(progress) as bar:
+        for source in run.sources:
+            encoder = encoders[source.template or config.template]
+            tally = _SourceTally(source, *_split_of(source, config), earlier)
+            for split, conversations, convert_rejects in tally.batches(config, report.inputs):
                 _write_rejects(rejects, convert_rejects)
                 result = encoder.encode(conversations)
-                store.append(result.table)
+                stores[split].append(result.table)
                 _write_rejects(rejects, result.rejects)
-                report.counts.update(result.counts)
-                report.rejected.update(result.rejected)
+                for counts, rejected in ((report.counts, report.rejected),
+                                         (report.split_counts[split], report.split_rejected[split])):
+                    counts.update(result.counts)
+                    rejected.update(result.rejected)
                 bar.advance(result.counts["tokens"])
-        _check_accounting(report)
-        plan = _plan(store, config)
-        extra = _manifest_extra(config, report, fingerprint, inputs, tokenizer, template, added, store, plan)
+            report.sources.append(tally.to_dict())
+            if earlier is not None:
+                earlier |= tally.hashes
 
-        def before_commit(tmp: Path) -> None:
-            tokenizer.save_pretrained(tmp / "tokenizer")
-            shutil.move(str(rejects_path), tmp / REJECTS_FILE)
 
-        report.manifest = write_shards(store, plan, config.output, max_len=config.max_len, seed=config.seed,
-                                       shard_size=config.shard_size, manifest_extra=extra,
-                                       overwrite=config.overwrite, before_commit=before_commit)
-    return report
+class _SourceTally:
+    """One source of a mixture: its batches by split, and its counts before and after each step."""
+
+    def __init__(self, source: Source, val_fraction: float | None, val_size: int | None,
+                 earlier: set[str] | None):
+        self.source, self.val_fraction, self.val_size, self.earlier = source, val_fraction, val_size, earlier
+        self.hashes: set[str] = set()
+        self.counts: Counter[str] = Counter()
+        self.inputs = Counts()
+
+    def batches(self, config: PackConfig, inputs: Report) -> Iterator[tuple[str, list[Conversation], list[Reject]]]:
+        """(split, conversations, rejects) batches; a weighted or split source is held in memory first."""
+        first_row = len(inputs.rows)
+        stream = _batched(iter_conversations(self.source.paths, self.source.format, dedup=config.dedup,
+                                             report=inputs), config.batch_size)
+        if self.source.weight == 1.0 and not _holds_out(self.val_fraction, self.val_size):
+            for conversations, rejects in stream:
+                kept = self._unseen(conversations)
+                self.counts["train_before_weighting"] += len(kept)
+                self.counts["train"] += len(kept)
+                yield "train", kept, rejects
+        else:
+            held: list[Conversation] = []
+            for conversations, rejects in stream:
+                held += self._unseen(conversations)
+                if rejects:
+                    yield "train", [], rejects
+            yield from self._split_and_weight(held, config.seed, config.batch_size)
+        for row in inputs.rows[first_row:]:
+            self.inputs.add(row.counts)
+
+    def _unseen(self, conversations: list[Conversation]) -> list[Conversation]:
+        """Apply the source's system prompt, then drop (and count) contents an earlier source already had."""
+        if self.source.system is not None:
+            conversations = [with_system(c, self.source.system) for c in conversations]
+        if self.earlier is None:
+            return conversations
+        kept = []
+        for c in conversations:
+            digest = content_hash(c.messages)
+            if digest in self.earlier:
+                self.counts["cross_source_duplicates"] += 1
+                continue
+            self.hashes.add(digest)
+            kept.append(c)
+        return kept
+
+    def _split_and_weight(self, held: list[Conversation], seed: int,
+                          batch_size: int) -> Iterator[tuple[str, list[Conversation], list[Reject]]]:
+        """Hold out the validation contents, then weight the rest (split first, so repeats stay in train)."""
+        digests = [content_hash(c.messages) for c in held]
+        validation_set = validation_hashes(digests, self.val_fraction, self.val_size, seed)
+        validation = [c for c, h in zip(held, digests, strict=True) if h in validation_set]
+        train_pairs = [(c, h) for c, h in zip(held, digests, strict=True) if h not in validation_set]
+        n_copies = copies([h for _, h in train_pairs], self.source.weight, seed)
+        train = [copy for (c, _), n in zip(train_pairs, n_copies, strict=True) for copy in repeat(c, n)]
+        self.counts.update(validation=len(validation), train_before_weighting=len(train_pairs), train=len(train))
+        for split, items in (("validation", validation), ("train", train)):
+            for start in range(0, len(items), batch_size):
+                yield split, items[start:start + batch_size], []
+
+    def to_dict(self) -> dict[str, Any]:
+        """The source and its counts, for the manifest."""
+        s, c = self.source, self.counts
+        return {
+            "name": s.label, "paths": s.paths, "format": s.format, "weight": s.weight, "template": s.template,
+            "system": s.system, "val_fraction": self.val_fraction, "val_size": self.val_size,
+            "counts": {"read": self.inputs.read, "rejected": self.inputs.rejected_total,
+                       "deduplicated": self.inputs.deduplicated, "accepted": self.inputs.accepted,
+                       "cross_source_duplicates": c["cross_source_duplicates"],
+                       "validation": c["validation"], "train_before_weighting": c["train_before_weighting"],
+                       "train": c["train"]},
+        }
+
+
+def _write_single(run: _Run, report: PackReport, store: ExampleStore, rejects_path: Path) -> None:
+    """Write one shard folder (no validation split), exactly as `prep pack` always has."""
+    config = run.config
+    extra = _manifest_extra(run, report, "train", run.fingerprint)
+    if not _is_trivial(run):
+        extra["mixture"] = {"sources": report.sources}
+
+    def before_commit(tmp: Path) -> None:
+        run.tokenizer.save_pretrained(tmp / "tokenizer")
+        shutil.move(str(rejects_path), tmp / REJECTS_FILE)
+
+    report.manifest = write_shards(store, _plan(store, config), config.output, max_len=config.max_len,
+                                   seed=config.seed, shard_size=config.shard_size, manifest_extra=extra,
+                                   overwrite=config.overwrite, before_commit=before_commit)
+    report.split_manifests["train"] = report.manifest
+
+
+def _write_splits(run: _Run, report: PackReport, stores: dict[str, ExampleStore], rejects_path: Path) -> None:
+    """Write train/ and validation/ shard folders, dataset_dict.json and the top manifest, in one rename."""
+    config = run.config
+    with staging_dir(config.output, overwrite=config.overwrite) as tmp:
+        for split, store in stores.items():
+            fingerprint = hashlib.sha256(f"{run.fingerprint}:{split}".encode()).hexdigest()
+            report.split_manifests[split] = write_shards(
+                store, _plan(store, config), tmp / split, max_len=config.max_len, seed=config.seed,
+                shard_size=config.shard_size, manifest_extra=_manifest_extra(run, report, split, fingerprint),
+                before_commit=lambda t: run.tokenizer.save_pretrained(t / "tokenizer"))
+        shutil.move(str(rejects_path), tmp / REJECTS_FILE)
+        _write_json(tmp / "dataset_dict.json", {"splits": list(SPLITS)})
+        report.manifest = _split_manifest(run, report)
+        _write_json(tmp / "manifest.json", report.manifest)  # last: its presence marks a complete output
+
+
+def _split_manifest(run: _Run, report: PackReport) -> dict[str, Any]:
+    """The top-level manifest of a split output: options, sources with their counts, and each split's summary."""
+    total = report.inputs.total
+    return {
+        "format": SPLITS_FORMAT,
+        "format_version": 1,
+        "prep_version": __version__,
+        "fingerprint": run.fingerprint,
+        "options": _options(run),
+        "inputs": run.inputs,
+        "sources": report.sources,
+        "counts": {
+            "records_read": total.read,
+            "records_rejected": total.rejected_total,
+            "records_deduplicated": total.deduplicated,
+            "cross_source_duplicates": sum(s["counts"]["cross_source_duplicates"] for s in report.sources),
+        },
+        "splits": {split: {"path": split, "fingerprint": m["fingerprint"], "counts": m["counts"]}
+                   for split, m in report.split_manifests.items()},
+    }
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Canonical JSON (sorted keys, 2-space indent, trailing newline), as prep.write writes it."""
+    path.write_bytes((json.dumps(obj, sort_keys=True, indent=2) + "\n").encode())
 
 
 def build_config(**flags: Any) -> PackConfig:
     """Build a PackConfig from CLI flags, turning a validation error into one ConfigError naming the flag.
+
+    A flag left at None was not given. With `recipe`, the recipe's options fill in every flag not given,
+    and its sources become the inputs; a flag given explicitly wins over the file.
 
     >>> build_config(inputs=["a.jsonl"], output="shards", max_len=4).max_len
     Traceback (most recent call last):
@@ -123,12 +367,34 @@ def build_config(**flags: Any) -> PackConfig:
     """
     from pydantic import ValidationError
 
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given.get("recipe") is not None:
+        given = _with_recipe(given)
+    elif not given.get("inputs"):
+        raise ConfigError("no inputs: give input files, or a recipe with --recipe")
+    elif "output" not in given:
+        raise ConfigError("--output: missing: name the output folder with -o")
     try:
-        return PackConfig(**flags)
+        return PackConfig(**given)
     except ValidationError as e:
         d = e.errors(include_url=False)[0]
         flag = "--" + "-".join(str(p) for p in d["loc"]).replace("_", "-") if d["loc"] else "options"
-        raise ConfigError(f"{flag}: {d['msg']}") from None
+        raise ConfigError(f"{flag}: {str(d['msg']).removeprefix('Value error, ')}") from None
+
+
+def _with_recipe(given: dict[str, Any]) -> dict[str, Any]:
+    """Flags given on the command line over the recipe's options; the recipe's sources as inputs."""
+    if given.get("inputs"):
+        raise ConfigError("give input files or --recipe, not both (list the inputs as sources in the recipe)")
+    recipe = load_recipe(given["recipe"])
+    options = recipe.model_dump(exclude={"sources"}, exclude_none=True)
+    if "val_fraction" in given or "val_size" in given:  # one split flag replaces the recipe's split entirely
+        options = {k: v for k, v in options.items() if k not in ("val_fraction", "val_size")}
+    merged = options | given
+    merged["inputs"] = [p for source in recipe.sources for p in source.paths]
+    if "output" not in merged:
+        raise ConfigError(f"{given['recipe']}: no output: pass --output or set `output` in the recipe")
+    return merged
 
 
 def render_pack_report(report: PackReport) -> Any:
@@ -138,7 +404,6 @@ def render_pack_report(report: PackReport) -> Any:
         a rich `Group` (print it with a Console).
     """
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     from prep.report import render_report
@@ -147,21 +412,65 @@ def render_pack_report(report: PackReport) -> Any:
     m = report.manifest
     if report.up_to_date:
         return Group(*notices, Text(f"{report.output}: up to date (fingerprint {m.get('fingerprint', '')[:12]})"))
-    c = m["counts"]
+    if "splits" in m:
+        lines = [_split_line(split, report.split_manifests[split], report.output) for split in SPLITS]
+        return Group(*notices, render_report(report.inputs), _sources_table(report.sources),
+                     _examples_table(report.split_counts["train"], report.split_rejected["train"]),
+                     _marker_table(report.markers), *lines, *_not_written(report))
+    lines = [_split_line(None, m, report.output)]
+    if len(report.sources) > 1 or "mixture" in m:
+        lines.insert(0, _sources_table(report.sources))
+    return Group(*notices, render_report(report.inputs), _examples_table(report.counts, report.rejected),
+                 _marker_table(report.markers), *lines, *_not_written(report))
+
+
+def _examples_table(c: Counter[str], rejected_by_reason: Counter[str]) -> Any:
+    """Conversations, examples, splits, truncations, drops, rejects and tokens."""
+    from rich.table import Table
+
     examples = Table(title="examples", title_justify="left")
     for name in ("conversations", "examples", "split", "truncated", "dropped", "rejected", "tokens", "trained"):
         examples.add_column(name, justify="right")
-    rejected = sum(report.rejected.values())
+    rejected = sum(rejected_by_reason.values())
     examples.add_row(*(f"{v:,}" for v in (c["conversations"], c["examples"], c["split"], c["truncated"], c["dropped"],
                                            rejected, c["tokens"], c["trained_tokens"])))
+    return examples
+
+
+def _sources_table(sources: list[dict[str, Any]]) -> Any:
+    """One line per mixture source: counts before and after dedup, split and weighting."""
+    from rich.table import Table
+
+    table = Table(title="sources", title_justify="left")
+    keys = ("accepted", "cross_source_duplicates", "validation", "train_before_weighting", "train")
+    for name in ("source", "weight", "accepted", "cross-source dup", "validation", "train (before)", "train"):
+        table.add_column(name, justify="left" if name == "source" else "right", overflow="fold")
+    for s in sources:
+        table.add_row(s["name"], f"{s['weight']:g}", *(f"{s['counts'][k]:,}" for k in keys))
+    return table
+
+
+def _split_line(split: str | None, m: dict[str, Any], output: str) -> Any:
+    """Rows, packing efficiency and shard count of one shard folder."""
+    from rich.text import Text
+
     p = m["packing"]
-    lines = [Text(f"rows {p['rows']:,} (lower bound {p['lower_bound_rows']:,}), packing efficiency "
-                  f"{p['efficiency']:.2%}, {len(m['shards'])} shard(s) in {report.output}")]
-    if report.rejected or c["dropped"]:
-        reasons = dict(report.rejected) | ({"too_long": c["dropped"]} if c["dropped"] else {})
-        lines.append(Text("not written: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) +
-                          f" (see {Path(report.output) / REJECTS_FILE})", style="yellow"))
-    return Group(*notices, render_report(report.inputs), examples, _marker_table(report.markers), *lines)
+    where = Path(output) / split if split else Path(output)
+    prefix = f"{split}: " if split else ""
+    return Text(f"{prefix}rows {p['rows']:,} (lower bound {p['lower_bound_rows']:,}), packing efficiency "
+                f"{p['efficiency']:.2%}, {len(m['shards'])} shard(s) in {where}")
+
+
+def _not_written(report: PackReport) -> list[Any]:
+    """A yellow line naming what was rejected or dropped, if anything."""
+    from rich.text import Text
+
+    dropped = report.counts["dropped"]
+    if not report.rejected and not dropped:
+        return []
+    reasons = dict(report.rejected) | ({"too_long": dropped} if dropped else {})
+    return [Text("not written: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) +
+                 f" (see {Path(report.output) / REJECTS_FILE})", style="yellow")]
 
 
 def _marker_table(markers: list[MarkerCheck]) -> Any:
@@ -211,21 +520,28 @@ def _write_rejects(file: Any, rejects: list[Reject]) -> None:
 
 
 def _check_accounting(report: PackReport) -> None:
-    """Every record read is accepted/rejected/deduplicated, and every accepted conversation is accounted for.
+    """Every record read is accepted/rejected/deduplicated, every accepted conversation reaches a split (or is a
+    cross-source duplicate), and every encoded conversation is accounted for.
 
     Raises:
         AccountingError: the counts do not add up (a bug in prep).
     """
     report.inputs.check_accounting()
-    c = report.counts
-    accepted = report.inputs.total.accepted
-    if c["conversations"] != accepted:
-        raise AccountingError(f"encoded {c['conversations']} conversations but {accepted} were accepted; a bug in prep")
-    if c["conversations"] + c["split"] != c["examples"] + c["dropped"] + c["rejected"]:
-        raise AccountingError(
-            f"conversations {c['conversations']} + split pieces {c['split']} != examples {c['examples']} + dropped "
-            f"{c['dropped']} + rejected {c['rejected']}; a bug in prep"
-        )
+    for s in report.sources:
+        c = s["counts"]
+        if c["accepted"] != c["cross_source_duplicates"] + c["validation"] + c["train_before_weighting"]:
+            raise AccountingError(f"{s['name']}: accepted {c['accepted']} != cross-source duplicates + validation + "
+                                  f"train {c}; a bug in prep")
+    for split, c in report.split_counts.items():
+        expected = sum(s["counts"][split] for s in report.sources)
+        if c["conversations"] != expected:
+            raise AccountingError(f"{split}: encoded {c['conversations']} conversations but {expected} were "
+                                  "selected; a bug in prep")
+        if c["conversations"] + c["split"] != c["examples"] + c["dropped"] + c["rejected"]:
+            raise AccountingError(
+                f"{split}: conversations {c['conversations']} + split pieces {c['split']} != examples "
+                f"{c['examples']} + dropped {c['dropped']} + rejected {c['rejected']}; a bug in prep"
+            )
 
 
 def _plan(store: ExampleStore, config: PackConfig) -> Any:
@@ -248,17 +564,41 @@ def _describe_input(path: str) -> dict[str, Any]:
     return {"path": path, "sha256": sha256_file(p), "bytes": p.stat().st_size}
 
 
-def _fingerprint(config: PackConfig, inputs: list[dict], tokenizer: Any, template: Template) -> str:
-    """sha256 of the input bytes, tokenizer, template, prep version and every option that changes the output."""
-    options = config.model_dump(exclude=_FINGERPRINT_EXCLUDE)
+def _fingerprint(run: _Run) -> str:
+    """sha256 of the input bytes, tokenizer, template, prep version and every option that changes the output.
+
+    The plain command line's payload is unchanged by mixtures; any other mixture adds its sources.
+    """
     payload = {
         "prep_version": __version__,
-        "inputs": [(os.path.basename(i["path"]), i["sha256"]) for i in inputs],
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "template": template_sha256(template),
-        "options": options,
+        "inputs": [(os.path.basename(i["path"]), i["sha256"]) for i in run.inputs],
+        "tokenizer": tokenizer_fingerprint(run.tokenizer),
+        "template": template_sha256(run.template),
+        "options": _options(run),
     }
+    if not _is_trivial(run):
+        payload["sources"] = [_source_key(run, s) for s in run.sources]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _options(run: _Run) -> dict[str, Any]:
+    """The options that change the output (a split flag only when set; one source's own format)."""
+    options = run.config.model_dump(exclude=_FINGERPRINT_EXCLUDE)
+    for key in ("val_fraction", "val_size"):
+        if options[key] is None:
+            del options[key]
+    if len(run.sources) == 1:
+        options["format"] = run.sources[0].format
+    return options
+
+
+def _source_key(run: _Run, source: Source) -> dict[str, Any]:
+    """What of a source changes the output: its input hashes, format, weight, template, system prompt, split."""
+    template = run.templates[source.template or run.config.template]
+    sha256 = {i["path"]: i["sha256"] for i in run.inputs}
+    return {"inputs": [sha256[p] for p in expand_inputs(source.paths)], "format": source.format,
+            "weight": source.weight, "template": template_sha256(template), "system": source.system,
+            "split": _split_of(source, run.config)}
 
 
 def _existing_manifest(output: str) -> dict[str, Any] | None:
@@ -269,11 +609,12 @@ def _existing_manifest(output: str) -> dict[str, Any] | None:
         return None
 
 
-def _manifest_extra(config: PackConfig, report: PackReport, fingerprint: str, inputs: list[dict], tokenizer: Any,
-                    template: Template, added: list[str], store: ExampleStore, plan: Any) -> dict[str, Any]:
-    """The manifest parts prep.write does not know: options, tokenizer, template, inputs, counts."""
-    c = report.counts
-    name = config.tokenizer or "prep-embedded-byte-level"
+def _manifest_extra(run: _Run, report: PackReport, split: str, fingerprint: str) -> dict[str, Any]:
+    """The manifest parts prep.write does not know: options, tokenizer, template, inputs, counts (of one split)."""
+    config, tokenizer, template = run.config, run.tokenizer, run.template
+    c, rejected = report.split_counts[split], report.split_rejected[split]
+    name = config.tokenizer or DEFAULT_TOKENIZER_NAME
+    inputs = report.inputs.total
     return {
         "fingerprint": fingerprint,
         "train_on": config.train_on,
@@ -284,25 +625,25 @@ def _manifest_extra(config: PackConfig, report: PackReport, fingerprint: str, in
             "fingerprint": tokenizer_fingerprint(tokenizer),
             "path": "tokenizer",
             "vocab_size": len(tokenizer),
-            "added_tokens": added,
-            "resize_embeddings": bool(added),
+            "added_tokens": run.added,
+            "resize_embeddings": bool(run.added),
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         },
         "markers": [_marker_dict(m) for m in report.markers],
-        "inputs": inputs,
+        "inputs": run.inputs,
         "counts": {
-            "records_read": report.inputs.total.read,
-            "records_rejected": report.inputs.total.rejected_total,
-            "records_deduplicated": report.inputs.total.deduplicated,
+            "records_read": inputs.read,
+            "records_rejected": inputs.rejected_total,
+            "records_deduplicated": inputs.deduplicated,
             "conversations": c["conversations"],
             "split": c["split"],
             "split_conversations": c["split_conversations"],
             "truncated": c["truncated"],
             "dropped": c["dropped"],
             "template_dropped_message": c["template_dropped_message"],
-            "rejected": dict(sorted((report.inputs.total.rejected + report.rejected).items())),
+            "rejected": dict(sorted((inputs.rejected + rejected).items())),
         },
     }
 

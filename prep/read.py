@@ -206,8 +206,8 @@ def _looks_like_jsonl(data: bytes) -> bool:
     """True when the first line alone is a JSON object (a JSON Lines file named .json)."""
     first = data.split(b"\n", 1)[0]
     try:
-        return isinstance(json.loads(first), dict)
-    except ValueError:
+        return isinstance(pydantic_core.from_json(first), dict)
+    except ValueError:  # includes pydantic-core's nesting limit: no RecursionError from deep arrays
         return False
 
 
@@ -243,7 +243,8 @@ def _csv_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
                     yield RawBatch(path, lines, rows, raw.tell() / size)
                     lines, rows = [], []
         except UnicodeDecodeError as e:
-            raise InputError(f"not UTF-8 after row {index} ({e.reason} at byte {e.start})", path=path) from None
+            raise InputError(f"not UTF-8 after {index + 1} row(s) ({e.reason}); re-save the file as UTF-8",
+                             path=path) from None
         except csv.Error as e:
             raise InputError(f"malformed CSV after row {index} ({e})", path=path) from None
         except _GZIP_ERRORS as e:

@@ -41,6 +41,7 @@ from prep.load import (
     Shards,
     load_shards,
     packed_attention_kwargs,
+    split_names,
 )
 
 
@@ -70,6 +71,8 @@ class TrainConfig:
     fsdp: bool = False  # with torchrun: shard weights, grads and optimizer state with FSDP2 instead of DDP
     seed: int = 0  # model init and data order
     log_every: int = 1  # steps between metrics.jsonl lines
+    eval_every: int = 0  # steps between validation passes (and one at the end); 0 = only at the end
+    eval_batches: int = 0  # micro-batches per rank in a validation pass; 0 = the whole validation split
     save_every: int = 0  # steps between checkpoints (and one at the last step); 0 = no checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: bool = False  # continue from the newest checkpoint in out_dir
@@ -325,6 +328,47 @@ def forward_backward(
     return loss_sum.item(), n_trained
 
 
+def validation_set(config: TrainConfig, d: Dist) -> PackedDataset | None:
+    """The validation rows of this rank (fixed order), or None when the shards have no validation split.
+
+    Every rank gets the same number of rows (the last `rows % world_size` are left out), so every rank runs
+    the same number of forward passes, as DDP and FSDP need.
+    """
+    if "validation" not in split_names(config.shards):
+        if config.eval_every:
+            raise ConfigError(f"--eval-every: {config.shards} has no validation split; pack it with --val-fraction")
+        return None
+    shards = load_shards(config.shards, split="validation")
+    if shards.num_rows < d.world_size:
+        return None
+    return PackedDataset(shards, d.rank, d.world_size, seed=0, shuffle=False)
+
+
+def evaluate(model, dataset: PackedDataset, collate: Collator, config: TrainConfig, attn: str, d: Dist,
+             autocast=nullcontext) -> dict[str, float]:
+    """Validation loss (summed token loss / trained tokens, over all ranks) and perplexity, packed rows kept apart.
+
+    >>> evaluate(model, val_rows, collate, TrainConfig(), "sdpa", Dist())  # doctest: +SKIP
+    {'val_loss': 2.31, 'val_ppl': 10.07, 'val_tokens': 5120}
+    """
+    batches = micro_batches(dataset, collate, config.batch_size, Position())
+    n_batches = math.ceil(len(dataset) / config.batch_size)
+    if config.eval_batches:
+        n_batches = min(n_batches, config.eval_batches)
+    loss_sum, n_trained, was_training = 0.0, 0, model.training
+    model.eval()
+    with torch.no_grad():
+        for _ in range(n_batches):
+            inputs = {k: v.to(d.device) for k, v in next(batches).inputs.items() if torch.is_tensor(v)}
+            with autocast():
+                loss_sum += token_loss_sum(model, inputs, attn).item()
+            n_trained += trained_tokens(inputs["labels"])
+    model.train(was_training)
+    loss_sum, n_trained = all_reduce_sum([loss_sum, n_trained], d)
+    loss = loss_sum / max(n_trained, 1.0)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 100.0)), "val_tokens": int(n_trained)}
+
+
 def clip_gradients(model, max_norm: float) -> float:
     """Clip the global gradient norm (0 = only measure it); return the norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
@@ -572,6 +616,7 @@ def train_model(config: TrainConfig) -> dict[str, Any]:
     model = wrap_model(raw_model, config, d)
     optimizer = configure_optimizer(raw_model, config, d.device)
     dataset = PackedDataset(shards, d.rank, d.world_size, config.seed)
+    validation = validation_set(config, d)
     collate = Collator(shards.max_len, shards.pad_token_id, padding_free=attn in VARLEN_PATHS)
     step, position = 0, Position()
     if config.resume:
@@ -617,6 +662,10 @@ def train_model(config: TrainConfig) -> dict[str, Any]:
             if step % config.log_every == 0 or step == steps:
                 log.write(metrics)
             bar.update(task, completed=step, metrics=describe(metrics))
+            if validation is not None and (step == steps or config.eval_every and step % config.eval_every == 0):
+                scores = evaluate(model, validation, collate, config, attn, d, autocast)
+                log.write({"step": step, "split": "validation", **scores})
+                metrics.update(scores)
             if config.save_every and (step % config.save_every == 0 or step == steps):
                 save_checkpoint(out_dir, step, position, raw_model, optimizer, config, d)
     save_final(out_dir, raw_model, tokenizer, d)
@@ -630,7 +679,7 @@ def check_config(config: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    for name in ("max_steps", "save_every", "lr", "weight_decay", "grad_clip"):
+    for name in ("max_steps", "save_every", "lr", "weight_decay", "grad_clip", "eval_every", "eval_batches"):
         if getattr(config, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if not 0 <= config.warmup_ratio < 1 or not 0 <= config.min_lr_ratio <= 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.config import FormatOption
 
@@ -38,3 +38,12 @@ class PackConfig(BaseModel):
     dedup: bool = Field(False, description="drop exact duplicate conversations before encoding")
     overwrite: bool = Field(False, description="replace an existing output folder")
     strict: bool = Field(False, description="exit non-zero if any record or example was rejected")
+    recipe: str | None = Field(None, description="recipe file (YAML/TOML): sources, weights, split, options")
+    val_fraction: float | None = Field(None, ge=0, lt=1, description="share of every source held out for validation")
+    val_size: int | None = Field(None, ge=0, description="conversations of every source held out for validation")
+
+    @model_validator(mode="after")
+    def _one_split_policy(self) -> "PackConfig":
+        if self.val_fraction is not None and self.val_size is not None:
+            raise ValueError("--val-fraction and --val-size exclude each other: give one")
+        return self

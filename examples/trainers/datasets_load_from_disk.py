@@ -1,6 +1,6 @@
 """Recipe: read prep shards with Hugging Face `datasets` and batch them with prep's Collator.
 
-    python examples/recipes/datasets_load_from_disk.py shards/
+    python examples/trainers/datasets_load_from_disk.py shards/
 
 The shard folder is also a saved `datasets.Dataset` (dataset_info.json + state.json beside the Arrow stream
 files), so `load_from_disk` memory-maps the same files, without a copy. Rows keep their packed form

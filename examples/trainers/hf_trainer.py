@@ -1,6 +1,6 @@
 """Recipe: the Hugging Face `Trainer` on prep shards, with a transformers model.
 
-    python examples/recipes/hf_trainer.py shards/ --max-steps 20 [--model path/or/hub-id]
+    python examples/trainers/hf_trainer.py shards/ --max-steps 20 [--model path/or/hub-id]
 
 What to set, and why:
 - `data_collator=Collator(max_len, pad_id, attn_implementation=model.config._attn_implementation)`: every batch

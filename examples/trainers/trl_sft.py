@@ -1,6 +1,6 @@
 """Recipe: TRL's `SFTTrainer` on prep shards: pre-tokenized, padding-free.
 
-    python examples/recipes/trl_sft.py shards/ --max-steps 20 [--model path/or/hub-id]
+    python examples/trainers/trl_sft.py shards/ --max-steps 20 [--model path/or/hub-id]
 
 What to set, and why:
 - `train_dataset=load_from_disk(shards)`: the folder is a saved datasets.Dataset; its `seq_lengths` column is

@@ -1,4 +1,4 @@
-"""The documented recipes (examples/recipes/*.py) run on a tiny model, and the settings they document keep
+"""The documented recipes (examples/trainers/*.py) run on a tiny model, and the settings they document keep
 packed examples apart: per-token losses through each recipe's path equal those of every example run alone."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ TOL = 1e-5
 
 
 def recipe(name: str):
-    """Import examples/recipes/<name>.py as a module."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "examples" / "recipes" / f"{name}.py")
+    """Import examples/trainers/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "examples" / "trainers" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -27,7 +27,7 @@ def recipe(name: str):
 @pytest.fixture(scope="module")
 def shards_dir(tmp_path_factory):
     return build_shards(
-        tmp_path_factory.mktemp("recipes") / "shards", n_examples=80, max_len=512, num_shards=2, tokenizer_name="bytes"
+        tmp_path_factory.mktemp("trainers") / "shards", n_examples=80, max_len=512, num_shards=2, tokenizer_name="bytes"
     )
 
 

@@ -1,6 +1,6 @@
 """Recipe: a plain PyTorch training loop on prep shards, packed examples kept apart.
 
-    python examples/recipes/torch_loop.py shards/ --max-steps 20 [--model path/or/hub-id]
+    python examples/trainers/torch_loop.py shards/ --max-steps 20 [--model path/or/hub-id]
 
 What to set, and why:
 - pass `position_ids` from the batch (they restart at 0 at every example) and `use_cache=False`;

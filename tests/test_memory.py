@@ -1,0 +1,57 @@
+"""Memory stays flat as data grows: peak RSS of `prep convert` and `prep pack` subprocesses at two sizes, 10x
+apart, differ by a ratio <= 1.5 and by far less than holding the data would cost.
+
+The inputs and the measurement (child `ru_maxrss` via os.wait4) come from benchmarks/scale.py, which runs
+the same thing at a million records.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_RATIO = 1.5
+
+
+def _scale_module():
+    """benchmarks/scale.py, imported by path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("prep_benchmark_scale", REPO / "benchmarks" / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+scale = _scale_module()
+
+
+def _peaks(tmp_path: Path, sizes: tuple[int, int], stage_args) -> list[float]:
+    """Peak RSS (MiB) of one stage at each size; `stage_args(raw, out)` gives the prep arguments."""
+    peaks = []
+    for n in sizes:
+        raw = tmp_path / f"raw-{n}.jsonl"
+        scale.write_input(raw, n)
+        peaks.append(scale.run_measured(stage_args(raw, tmp_path / f"out-{n}")).peak_mib)
+    return peaks
+
+
+def test_convert_memory_is_flat(tmp_path: Path):
+    """10k vs 100k records (5.6 MB vs 56 MB of JSON Lines): ratio <= 1.5 and under 32 MiB more.
+    Holding the records as Python objects would add several hundred MiB."""
+    small, big = _peaks(tmp_path, (10_000, 100_000), lambda raw, out: ["convert", str(raw), "-o", f"{out}.jsonl"])
+    assert big / small <= MAX_RATIO, (small, big)
+    assert big - small <= 32, (small, big)
+
+
+@pytest.mark.parametrize("tokenizer", [str(scale.GPT2)], ids=["gpt2"])
+def test_pack_memory_is_flat(tmp_path: Path, tokenizer: str):
+    """1.5k vs 15k records (~0.3M vs ~3M tokens), batches of 256: ratio <= 1.5 and under 96 MiB more.
+    Keeping every example's tokens as Python lists would add over 200 MiB; only lengths stay in memory."""
+    def args(raw: Path, out: Path) -> list[str]:
+        return ["pack", str(raw), "-o", str(out), "--max-len", "2048", "--tokenizer", tokenizer, "--batch-size", "256"]
+
+    small, big = _peaks(tmp_path, (1_500, 15_000), args)
+    assert big / small <= MAX_RATIO, (small, big)
+    assert big - small <= 96, (small, big)
