@@ -535,7 +535,7 @@ def convert_files(config: ConvertConfig, progress: bool = False) -> Report:
     sink_type = ParquetSink if parquet else JsonlSink
     encode = to_conversation if parquet else to_json_line
     with (_ProgressBar(progress, inputs) as bar, sink_type(config.output) as sink,
-          JsonlSink(rejects) as reject_sink, _gc_relaxed()):
+          JsonlSink(rejects) as reject_sink, relaxed_gc()):
         for path, results, done in _outcomes(inputs, config.format, config.dedup, report, BATCH_SIZE):
             sink.write([encode(r) for r in results if r.__class__ is Accepted])  # type: ignore[arg-type]
             reject_sink.write([r.model_dump_json().encode() for r in results if r.__class__ is Reject])
@@ -584,7 +584,7 @@ def unified_json_schema() -> str:
 
 
 @contextmanager
-def _gc_relaxed() -> Iterator[None]:
+def relaxed_gc() -> Iterator[None]:
     """Collect young objects rarely while converting.
 
     The hot loop allocates millions of short-lived, acyclic objects; with the default threshold the

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prep import __version__
-from prep.convert import iter_conversations
+from prep.convert import iter_conversations, relaxed_gc
 from prep.encode import Encoder
 from prep.errors import AccountingError, ConfigError, PrepError
 from prep.pack import plan_bfd, plan_unpacked, shuffle_rows
@@ -131,7 +131,8 @@ def pack_shards(config: PackConfig, progress: bool = False) -> PackReport:
     with ExampleStore(parent=parent) as train, ExampleStore(parent=parent) as validation:
         stores = {"train": train, "validation": validation}
         rejects_path = train.directory / REJECTS_FILE
-        _encode_sources(run, report, stores, rejects_path, progress)
+        with relaxed_gc():
+            _encode_sources(run, report, stores, rejects_path, progress)
         _check_accounting(report)
         if run.split:
             if not report.split_counts["validation"]["examples"]:

@@ -29,7 +29,6 @@ from prep.spill import ExampleStore
 from prep.verify import verify_shards
 
 REPO = Path(__file__).resolve().parents[1]
-ALPACA = REPO.parent / "shared" / "data" / "alpaca"
 CONVERT_KILLS = (0.1, 0.3, 0.5, 0.7, 0.9)
 PACK_KILLS = (0.35, 0.6, 0.85)  # the first ~40% of a pack run is imports
 CONVERT_RECORDS = 60_000
@@ -38,9 +37,9 @@ PACK_RECORDS = 3_000
 TEMP_NAME = re.compile(r"^\.(conv\.jsonl|conv\.rejects\.jsonl)\..+\.tmp$|^\.shards\.tmp-.+$|^\.prep-spill-.+$")
 
 
-def _write_alpaca(path: Path, n_records: int) -> Path:
+def _write_alpaca(path: Path, shared_data: Path, n_records: int) -> Path:
     """Real Alpaca records repeated to `n_records` JSON lines (a few malformed lines among them, to be rejected)."""
-    records = json.loads((ALPACA / "alpaca_en_demo.json").read_text(encoding="utf-8"))
+    records = json.loads((shared_data / "alpaca" / "alpaca_en_demo.json").read_text(encoding="utf-8"))
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n_records):
             record = {"instruction": 1} if i % 997 == 0 else {"id": i, **records[i % len(records)]}
@@ -94,19 +93,19 @@ def _leftovers(folder: Path, keep: set[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def convert_case(tmp_path_factory) -> tuple[Path, dict, float]:
+def convert_case(tmp_path_factory, shared_data: Path) -> tuple[Path, dict, float]:
     """An input for `prep convert`, its uninterrupted output hashes and run time."""
     work = tmp_path_factory.mktemp("convert-ref")
-    source = _write_alpaca(work / "in.jsonl", CONVERT_RECORDS)
+    source = _write_alpaca(work / "in.jsonl", shared_data, CONVERT_RECORDS)
     seconds = _run(["convert", str(source), "-o", str(work / "conv.jsonl")])
     return source, _outputs(work, ["conv.jsonl", "conv.rejects.jsonl"]), seconds
 
 
 @pytest.fixture(scope="module")
-def pack_case(tmp_path_factory) -> tuple[Path, dict, float]:
+def pack_case(tmp_path_factory, shared_data: Path) -> tuple[Path, dict, float]:
     """An input for `prep pack`, its uninterrupted output hashes and run time."""
     work = tmp_path_factory.mktemp("pack-ref")
-    source = _write_alpaca(work / "in.jsonl", PACK_RECORDS)
+    source = _write_alpaca(work / "in.jsonl", shared_data, PACK_RECORDS)
     seconds = _run(["pack", str(source), "-o", str(work / "shards"), "--max-len", "512"])
     return source, _outputs(work, ["shards"]), seconds
 

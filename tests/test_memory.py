@@ -45,12 +45,13 @@ def test_convert_memory_is_flat(tmp_path: Path):
     assert big - small <= 32, (small, big)
 
 
-@pytest.mark.parametrize("tokenizer", [str(scale.GPT2)], ids=["gpt2"])
-def test_pack_memory_is_flat(tmp_path: Path, tokenizer: str):
+@pytest.mark.parametrize("tokenizer", ["gpt2-dialogpt-small"])
+def test_pack_memory_is_flat(tmp_path: Path, shared_data: Path, tokenizer: str):
     """1.5k vs 15k records (~0.3M vs ~3M tokens), batches of 256: ratio <= 1.5 and under 96 MiB more.
     Keeping every example's tokens as Python lists would add over 200 MiB; only lengths stay in memory."""
     def args(raw: Path, out: Path) -> list[str]:
-        return ["pack", str(raw), "-o", str(out), "--max-len", "2048", "--tokenizer", tokenizer, "--batch-size", "256"]
+        return ["pack", str(raw), "-o", str(out), "--max-len", "2048", "--tokenizer",
+                str(shared_data / "tokenizers" / tokenizer), "--batch-size", "256"]
 
     small, big = _peaks(tmp_path, (1_500, 15_000), args)
     assert big / small <= MAX_RATIO, (small, big)

@@ -34,7 +34,6 @@ from schemas.conversation import Conversation, Message, conversation_problems
 from schemas.pack_config import PackConfig
 from schemas.reject import Reject
 
-TOKENIZERS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizers"
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # Text that no template treats as a marker: letters, digits, CJK, emoji, punctuation (no '<', '[', '#'),
 # spaces and newlines inside. Starts and ends with a visible character, so no token merges across a turn edge.
@@ -124,10 +123,11 @@ ENCODE_CASES = {
 }
 
 
-def _tokenizer(name: str):
-    """The embedded tokenizer or a real one from ../shared/data/tokenizers (cached)."""
+def _tokenizer(name: str, shared_data: Path):
+    """The embedded tokenizer ("default") or a real one from shared_data/tokenizers (cached)."""
     if name not in _TOKENIZER_CACHE:
-        _TOKENIZER_CACHE[name] = default_tokenizer() if name == "default" else load_tokenizer(str(TOKENIZERS / name))
+        folder = shared_data / "tokenizers" / name
+        _TOKENIZER_CACHE[name] = default_tokenizer() if name == "default" else load_tokenizer(str(folder))
     return _TOKENIZER_CACHE[name]
 
 
@@ -144,11 +144,12 @@ def _expected_trained(turns: list[tuple[str, str]], train_on: str, end: str) -> 
 @SETTINGS
 @given(batch=st.lists(conversations(max_turns=3), min_size=1, max_size=6),
        train_on=st.sampled_from(["completion", "last"]))
-def test_trained_tokens_decode_to_the_answers(case: str, batch: list[list[tuple[str, str]]], train_on: str):
+def test_trained_tokens_decode_to_the_answers(shared_data: Path, case: str, batch: list[list[tuple[str, str]]],
+                                              train_on: str):
     """Per example: labels are -100 or the token, the first is -100, and the trained tokens decode to exactly
     the assistant text(s) plus their end marker."""
     tok_name, template, end = ENCODE_CASES[case]
-    tok = _tokenizer(tok_name)
+    tok = _tokenizer(tok_name, shared_data)
     convs = [Conversation(id=f"c{i}", messages=_messages(t)) for i, t in enumerate(batch)]
     result = Encoder(tok, BUILTIN_TEMPLATES[template], train_on=train_on, max_len=100_000).encode(convs)
     assert result.counts["examples"] == len(batch) and not result.rejects
@@ -229,14 +230,15 @@ PIPELINE_TOKENIZERS = {"default": None, "smollm2": "smollm2-135m"}
 @pytest.mark.parametrize("tok_name", list(PIPELINE_TOKENIZERS))
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=st.lists(conversations(max_turns=3), min_size=1, max_size=12), max_len=st.integers(64, 512))
-def test_pack_pipeline_shards_verify(work: Path, tok_name: str, batch: list[list[tuple[str, str]]], max_len: int):
+def test_pack_pipeline_shards_verify(work: Path, shared_data: Path, tok_name: str, batch: list[list[tuple[str, str]]],
+                                     max_len: int):
     """Random conversations through pack_shards (split overflow): verify_shards is clean, and every input
     conversation is either packed (counted in examples) or a counted reject; nothing vanishes."""
     source = _write_jsonl(work / f"pipe-{tok_name}.jsonl", [_openai(t) for t in batch])
     out = work / f"pipe-{tok_name}"
     shutil.rmtree(out, ignore_errors=True)
     folder = PIPELINE_TOKENIZERS[tok_name]
-    tok = None if folder is None else str(TOKENIZERS / folder)
+    tok = None if folder is None else str(shared_data / "tokenizers" / folder)
     report = pack_shards(PackConfig(inputs=[str(source)], output=str(out), tokenizer=tok, template="chatml",
                                     max_len=max_len, shard_size="4KB"))
     result = verify_shards(out)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import prep.tokenizer
 from prep.errors import ConfigError
 from prep.load import PackedDataset, iter_rows, load_shards
 from prep.pipeline import pack_shards
@@ -179,13 +178,7 @@ def test_library_tokenizer_loads_pass_trust_remote_code_explicitly():
     calls = {f"{m.name}:{c.lineno}": _keyword(c, "trust_remote_code")
              for m in (REPO / "prep" / "tokenizer.py", REPO / "prep" / "verify.py", REPO / "prep" / "load.py")
              for c in _calls(m, "from_pretrained")}
-    assert calls == {f"tokenizer.py:{_line(prep.tokenizer, 'AutoTokenizer.from_pretrained(')}": "<expression>"}
-
-
-def _line(module, text: str) -> int:
-    """1-based line of the first occurrence of `text` in a module's source."""
-    source = Path(module.__file__).read_text(encoding="utf-8")
-    return source[: source.index(text)].count("\n") + 1
+    assert calls and "<absent>" not in calls.values() and True not in calls.values(), calls
 
 
 @pytest.mark.xfail(strict=True, reason="prep/train.py build_model calls AutoTokenizer.from_pretrained("
