@@ -241,6 +241,7 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Start afresh in a used out dir.")] = False,
     device: Annotated[str, typer.Option(help="auto = cuda:LOCAL_RANK if available, else cpu.")] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Live progress on rank 0.")] = True,
+    trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Train a causal LM on packed shards (torchrun -m prep train ... for several GPUs)."""
     flags = dict(locals())  # first statement: exactly the parameters, one per TrainConfig field

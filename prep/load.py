@@ -112,9 +112,17 @@ def _check_manifest_fields(file: Path, manifest: dict[str, Any]) -> None:
         raise ShardError(f"{file}: columns {manifest['columns']} lack {missing}; expected {list(SHARD_COLUMNS)}")
     if not manifest["shards"]:
         raise ShardError(f"{file}: lists no shard files")
+    for name in [entry["file"] for entry in manifest["shards"]] + [manifest["tokenizer"].get("path", "tokenizer")]:
+        if not _is_plain_name(name):
+            raise ShardError(f"{file}: {name!r} is not a plain file name inside the shard folder; refusing to read it")
     for entry in manifest["shards"]:
         if not (file.parent / entry["file"]).is_file():
             raise ShardError(f"{file.parent / entry['file']}: listed in manifest.json but missing")
+
+
+def _is_plain_name(name: Any) -> bool:
+    """True for a bare file or folder name (no separator, not `.`/`..`): manifests must not point outside."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def _open_shard(file: Path, rows: int) -> pa.Table:

@@ -79,6 +79,7 @@ class TrainConfig:
     overwrite: bool = False  # start afresh in an out_dir that already holds a run (deletes its checkpoints/metrics)
     device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
     progress: bool = True  # live rich progress on rank 0
+    trust_remote_code: bool = False  # let a hub model/tokenizer run its own code (never needed for shards from prep)
 
 
 @dataclass(frozen=True)
@@ -153,12 +154,12 @@ def build_model(config: TrainConfig, shards: Shards, device: torch.device):
 
     from prep.models import model_config
 
-    tokenizer = AutoTokenizer.from_pretrained(shards.tokenizer_path)
+    tokenizer = AutoTokenizer.from_pretrained(shards.tokenizer_path, trust_remote_code=config.trust_remote_code)
     attn = resolve_attention(config.attn_implementation, device)
     torch.manual_seed(config.seed)
     kwargs = {"attn_implementation": attn, "dtype": torch.float32}
     if config.model:
-        model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(config.model, trust_remote_code=config.trust_remote_code, **kwargs)
     else:
         tok = shards.manifest["tokenizer"]
         cfg = model_config(

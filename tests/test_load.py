@@ -264,3 +264,13 @@ def test_shards_written_by_prep_pack_load_and_follow_the_contract(tmp_path):
         assert (r["labels"][starts] == -100).all() and len(r["input_ids"]) <= shards.max_len
     batch = Collator(shards.max_len, shards.pad_token_id)([PackedDataset(shards)[0]])
     assert batch["input_ids"].shape == (1, 512)
+
+
+@pytest.mark.parametrize("name", ["../outside.arrow", "/tmp/outside.arrow", "..", "sub/x.arrow"])
+def test_manifest_paths_outside_the_folder_are_refused(broken, name):
+    """A manifest may only name plain files inside its folder: no absolute paths, no `..`, no separators."""
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["shards"][0]["file"] = name
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="not a plain file name"):
+        load_shards(broken)

@@ -181,11 +181,12 @@ def test_library_tokenizer_loads_pass_trust_remote_code_explicitly():
     assert calls and "<absent>" not in calls.values() and True not in calls.values(), calls
 
 
-@pytest.mark.xfail(strict=True, reason="prep/train.py build_model calls AutoTokenizer.from_pretrained("
-                   "shards.tokenizer_path) and AutoModelForCausalLM.from_pretrained(config.model, ...) without "
-                   "trust_remote_code=False: a shard folder with an auto_map makes transformers prompt "
-                   "'Do you wish to run the custom code? [y/N]' on a terminal (owned by the train helper)")
 def test_trainer_tokenizer_and_model_loads_refuse_remote_code():
-    """prep/train.py passes trust_remote_code=False to every from_pretrained call."""
+    """prep/train.py passes the TrainConfig flag (default False, `--trust-remote-code` to change) to every
+    from_pretrained call, so a shard folder with an auto_map never prompts or runs code by default."""
+    from prep.train import TrainConfig
+
     values = [_keyword(c, "trust_remote_code") for c in _calls(REPO / "prep" / "train.py", "from_pretrained")]
-    assert values and all(v is False for v in values), values
+    assert values and all(v == "<expression>" for v in values), values
+    assert "trust_remote_code=config.trust_remote_code" in (REPO / "prep" / "train.py").read_text()
+    assert TrainConfig().trust_remote_code is False
