@@ -708,6 +708,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def finish_distributed() -> None:
     """Tear down the process group if one was set up (at the end of a torchrun run)."""
     if dist.is_initialized():
+        dist.barrier()  # no rank tears down the store while another still uses it
         dist.destroy_process_group()
 
 
@@ -721,6 +722,7 @@ def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(metrics))
     if dist.is_initialized():
+        dist.barrier()  # no rank tears down the store while another still uses it
         dist.destroy_process_group()
 
 

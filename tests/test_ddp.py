@@ -71,6 +71,7 @@ def rank_worker(rank: int, world_size: int, port: int, shards_dir, out_dir) -> N
     )
     train.train_model(config)
     torch.save({"rows": rows, "weights": weights}, out_dir / f"rank{rank}.pt")
+    dist.barrier()  # no rank tears down the store while another still uses it
     dist.destroy_process_group()
 
 

@@ -121,6 +121,7 @@ def eval_worker(rank: int, world_size: int, port: int, shards_dir, out_dir) -> N
                           TrainConfig(batch_size=2), "sdpa", Dist(rank, world_size))
         (out_dir / f"rank{rank}.json").write_text(json.dumps(scores))
     finally:
+        dist.barrier()  # no rank tears down the store while another still uses it
         dist.destroy_process_group()
 
 

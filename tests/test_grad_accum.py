@@ -123,6 +123,7 @@ def rank_worker(rank: int, world_size: int, port: int, shards_dir, out) -> None:
         result[mode] = grads(model)
     if rank == 0:
         torch.save(result, out)
+    dist.barrier()  # no rank tears down the store while another still uses it
     dist.destroy_process_group()
 
 
