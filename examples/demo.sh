@@ -17,16 +17,17 @@ echo "== 3. look at what the model will learn (trained tokens in green) and chec
 prep inspect "$out/shards" --row 0
 prep verify "$out/shards"
 
-echo "== 4. train a tiny random-init Llama on the shards (CPU), then reload it and generate"
-prep train "$out/shards" -o "$out/run" --max-steps 30 --batch-size 4 --lr 3e-3
+echo "== 4. train a tiny random-init Llama on the shards (CPU, ~30 s), then reload it and generate from a training prompt"
+prep train "$out/shards" -o "$out/run" --max-steps 300 --batch-size 4 --lr 3e-3
 python - "$out/run" <<'PY'
 import sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 final = sys.argv[1]
 tok, model = AutoTokenizer.from_pretrained(final), AutoModelForCausalLM.from_pretrained(final)
-prompt = "###instruction###\nName a primary colour.\n\n###response###\n"
+prompt = "###instruction###\nGive three tips for staying healthy.\n\n###response###\n"
 ids = tok(prompt, return_tensors="pt").input_ids
-out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+out = model.generate(ids, max_new_tokens=80, do_sample=False, pad_token_id=tok.pad_token_id,
+                     eos_token_id=tok.eos_token_id)
 print("generated:", repr(tok.decode(out[0, ids.shape[1]:])))
 PY
 echo "demo done: outputs in $out/"
