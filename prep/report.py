@@ -108,32 +108,40 @@ class Report:
 
 
 def render_report(report: Report) -> Any:
-    """Render a Report as a rich Table: one line per input, then the total.
+    """Render a Report with rich: one line of counts per input (then the total), and beneath it every
+    rejection reason and every kept-but-changed event per input, one per line (readable in 80 columns).
 
     Returns:
-        a `rich.table.Table` (print it with a rich Console).
+        a rich `Group` (print it with a rich Console).
 
     >>> from rich.console import Console
     >>> Console(width=120).print(render_report(Report("convert")))  # doctest: +SKIP
     """
+    from rich.console import Group
     from rich.table import Table
 
     names = [r.name for r in report.rows]
     base = _common_folder(names)
     title = f"{report.title} (inputs under {base}/)" if base else report.title
     table = Table(title=title, title_justify="left")
-    table.add_column("input", overflow="fold", ratio=3)
-    table.add_column("format", overflow="fold", ratio=1)
+    table.add_column("input", overflow="fold")
+    table.add_column("format", overflow="fold")
     for name in ("read", "accepted", "rejected", "dedup"):
         table.add_column(name, justify="right", no_wrap=True)
-    table.add_column("rejected by reason", overflow="fold", ratio=2)
-    table.add_column("changes (kept)", overflow="fold", ratio=2)
-    for row in report.rows:
-        table.add_row(*_cells(row.name[len(base) + 1:] if base else row.name, row.kind, row.counts))
+    short = [row.name[len(base) + 1:] if base else row.name for row in report.rows]
+    for name, row in zip(short, report.rows, strict=True):
+        table.add_row(*_cells(name, row.kind, row.counts))
     if len(report.rows) != 1:
         table.add_section()
         table.add_row(*_cells("total", "", report.total), style="bold")
-    return table
+    details = Table(title="rejected by reason, and changes to kept records", title_justify="left")
+    for name, justify in (("input", "left"), ("what", "left"), ("reason", "left"), ("count", "right")):
+        details.add_column(name, justify=justify, overflow="fold")
+    for name, row in zip(short, report.rows, strict=True):
+        for what, counter in (("rejected", row.counts.rejected), ("changed", row.counts.events)):
+            for reason, count in _by_count(counter):
+                details.add_row(name, what, reason, f"{count:,}")
+    return Group(table, details) if details.row_count else table
 
 
 def _common_folder(paths: list[str]) -> str:
@@ -152,11 +160,10 @@ def _common_folder(paths: list[str]) -> str:
 
 
 def _cells(name: str, kind: str, c: Counts) -> list[str]:
-    """One table line."""
-    return [name, kind, f"{c.read:,}", f"{c.accepted:,}", f"{c.rejected_total:,}", f"{c.deduplicated:,}",
-            _pairs(c.rejected), _pairs(c.events)]
+    """One line of counts."""
+    return [name, kind, f"{c.read:,}", f"{c.accepted:,}", f"{c.rejected_total:,}", f"{c.deduplicated:,}"]
 
 
-def _pairs(counter: Counter[str]) -> str:
-    """`reason=count` pairs, most frequent first, ties by name."""
-    return ", ".join(f"{k}={v:,}" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
+def _by_count(counter: Counter[str]) -> list[tuple[str, int]]:
+    """Counter items, most frequent first, ties by name."""
+    return sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))

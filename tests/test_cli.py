@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 
 
-def prep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def prep(*args: str, cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
     """Run `python -m prep ARGS` offline and capture its output."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200", **env_vars)
     return subprocess.run([sys.executable, "-m", "prep", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -51,6 +51,19 @@ def test_pack_rerun_is_up_to_date_and_existing_output_needs_overwrite(packed):
     done = prep("pack", "unified.jsonl", "-o", "shards", "--max-len", "256", cwd=packed)
     assert done.returncode == 1
     assert "--overwrite" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_shards_are_byte_identical_whatever_the_tokenizer_thread_count(packed):
+    """One tokenizer thread instead of one per core: the same bytes in every file."""
+    done = prep("pack", "unified.jsonl", "-o", "shards-1thread", "--max-len", "512", cwd=packed,
+                RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    assert done.returncode == 0, done.stderr
+    ours = sorted(p.relative_to(packed / "shards") for p in (packed / "shards").rglob("*") if p.is_file())
+    theirs = sorted(p.relative_to(packed / "shards-1thread") for p in (packed / "shards-1thread").rglob("*")
+                    if p.is_file())
+    assert ours == theirs
+    for name in ours:
+        assert (packed / "shards" / name).read_bytes() == (packed / "shards-1thread" / name).read_bytes(), name
 
 
 def test_verify_fails_on_a_flipped_byte(packed, tmp_path):

@@ -24,7 +24,8 @@ def test_convert_writes_outputs_and_prints_the_summary(tmp: Path) -> None:
     result = prep("convert", "examples/sharegpt.jsonl", "examples/alpaca.json", "-o", str(out))
     assert result.returncode == 0, result.stderr
     assert "sharegpt (auto)" in result.stdout and "alpaca (auto)" in result.stdout
-    assert "unknown_role=1" in result.stdout and "merged_turns=1" in result.stdout
+    lines = [" ".join(line.replace("│", " ").split()) for line in result.stdout.splitlines()]
+    assert "sharegpt.jsonl rejected unknown_role 1" in lines and "sharegpt.jsonl changed merged_turns 1" in lines
     assert f"wrote 18 conversations to {out}, 6 rejects to {tmp / 'chat.rejects.jsonl'}" in result.stdout
     assert len(out.read_text().splitlines()) == 18
 
