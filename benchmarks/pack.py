@@ -8,7 +8,10 @@ to the unified form and repeated until there are `--examples` records. Printed, 
   spill, BFD plan over the whole set, shard writing, sha256), median of `--repeats` runs;
 - tokens/s of a bare batched `tokenizer(texts)` call on the same rendered texts (the ceiling), median;
 - their ratio (target >= 0.8), packing efficiency and rows versus the lower bound ceil(tokens / max_len);
-- peak RSS of a `prep pack` subprocess at 1x (examples / 10) and 10x (examples) the data (target: ratio <= 1.5).
+- peak RSS of a `prep pack` subprocess (plus its largest encoding worker) at 1x (examples / 10) and 10x (examples)
+  the data (target: ratio <= 1.5).
+
+`--workers` is passed to `prep pack` (0 = auto: one encoding process per CPU for inputs of 64 MiB and more).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from prep.pipeline import pack_shards
 from schemas.pack_config import PackConfig
 cfg = PackConfig(**json.loads(sys.argv[1]))
 pack_shards(cfg)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# the main process plus its largest encoding worker (an upper bound when workers run)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
@@ -58,12 +62,13 @@ def write_input(lines: list[bytes], n: int, path: Path) -> None:
             f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
 
 
-def time_pack(input_path: Path, out: Path, tokenizer: str, max_len: int) -> tuple[float, dict]:
+def time_pack(input_path: Path, out: Path, tokenizer: str, max_len: int, workers: int) -> tuple[float, dict]:
     """Seconds of one in-process `pack_shards` run, and its manifest."""
     from prep.pipeline import pack_shards
     from schemas.pack_config import PackConfig
 
-    cfg = PackConfig(inputs=[str(input_path)], output=str(out), tokenizer=tokenizer, max_len=max_len, overwrite=True)
+    cfg = PackConfig(inputs=[str(input_path)], output=str(out), tokenizer=tokenizer, max_len=max_len, overwrite=True,
+                     workers=workers)
     start = time.perf_counter()
     report = pack_shards(cfg)
     return time.perf_counter() - start, report.manifest
@@ -86,10 +91,10 @@ def time_bare_tokenizer(input_path: Path, tokenizer_name: str, batch: int) -> tu
     return time.perf_counter() - start, tokens
 
 
-def peak_rss_mib(input_path: Path, out: Path, tokenizer: str, max_len: int) -> float:
-    """Peak RSS (MiB) of a fresh process running `prep pack` on `input_path`."""
+def peak_rss_mib(input_path: Path, out: Path, tokenizer: str, max_len: int, workers: int) -> float:
+    """Peak RSS (MiB) of a fresh process running `prep pack` on `input_path` (plus its largest worker)."""
     cfg = {"inputs": [str(input_path)], "output": str(out), "tokenizer": tokenizer, "max_len": max_len,
-           "overwrite": True}
+           "overwrite": True, "workers": workers}
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, "-c", _RSS_CHILD, json.dumps(cfg)], capture_output=True, text=True,
                           env=env, check=True)
@@ -102,6 +107,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "gpt2-dialogpt-small"))
     parser.add_argument("--max-len", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=0, help="prep pack --workers (0 = auto)")
     parser.add_argument("--skip-rss", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,7 +120,7 @@ def main() -> None:
               f"Alpaca-style records; tokenizer {Path(args.tokenizer).name}; max-len {args.max_len}; {os.cpu_count()} CPUs")
         pack_times, bare_times = [], []
         for _ in range(args.repeats):
-            seconds, manifest = time_pack(big, Path(tmp) / "shards", args.tokenizer, args.max_len)
+            seconds, manifest = time_pack(big, Path(tmp) / "shards", args.tokenizer, args.max_len, args.workers)
             pack_times.append(seconds)
             bare, tokens = time_bare_tokenizer(big, args.tokenizer, 2048)
             bare_times.append(bare)
@@ -129,8 +135,8 @@ def main() -> None:
         print(f"packing              : efficiency {p['efficiency']:.4%}, rows {p['rows']:,} vs lower bound "
               f"{p['lower_bound_rows']:,} (+{p['rows'] / p['lower_bound_rows'] - 1:.3%})")
         if not args.skip_rss:
-            rss_1x = peak_rss_mib(small, Path(tmp) / "rss1", args.tokenizer, args.max_len)
-            rss_10x = peak_rss_mib(big, Path(tmp) / "rss10", args.tokenizer, args.max_len)
+            rss_1x = peak_rss_mib(small, Path(tmp) / "rss1", args.tokenizer, args.max_len, args.workers)
+            rss_10x = peak_rss_mib(big, Path(tmp) / "rss10", args.tokenizer, args.max_len, args.workers)
             print(f"peak RSS             : {rss_1x:,.0f} MiB at 1x ({args.examples // 10:,} records), {rss_10x:,.0f} MiB "
                   f"at 10x ({args.examples:,}); ratio {rss_10x / rss_1x:.2f} (target <= 1.5)")
 

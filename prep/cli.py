@@ -60,7 +60,7 @@ def schema() -> None:
 
 
 # Shared option types of the commands that render and tokenize.
-TokenizerOpt = Annotated[Optional[str], typer.Option(help="Local folder or hub id [default: embedded demo tokenizer].")]
+TokenizerOpt = Annotated[Optional[str], typer.Option(help="Local folder or hub id; default: the embedded demo tokenizer.")]
 TemplateOpt = Annotated[str, typer.Option(help="markers | chatml | tokenizer | path to a TOML/YAML template.")]
 TrainOnOpt = Annotated[str, typer.Option("--train-on", help="completion | last | all: which tokens carry a loss.")]
 MaxLenOpt = Annotated[int, typer.Option("--max-len", help="Tokens per row (and the longest example).")]
@@ -99,6 +99,8 @@ def pack(
     dedup: Annotated[Optional[bool], typer.Option("--dedup/--no-dedup", help="Drop exact duplicate conversations.",
                                                   show_default="no")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Conversations per tokenizer call.")] = 2048,
+    workers: Annotated[int, typer.Option(help="Encoding processes; 0 = one per CPU for inputs >= 64 MiB, else 1. "
+                                              "The output is the same for any number.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if anything was rejected or dropped.")] = False,
 ) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from prep import __version__
 from prep.convert import iter_conversations, relaxed_gc
-from prep.encode import Encoder
+from prep.encode import EncodeResult, Encoder
 from prep.errors import AccountingError, ConfigError, PrepError
 from prep.pack import plan_bfd, plan_unpacked, shuffle_rows
 from prep.read import expand_inputs
@@ -50,7 +50,7 @@ from schemas.reject import Reject
 
 REJECTS_FILE = "rejects.jsonl"
 # Options that change the shards' bytes; output/overwrite/strict do not.
-_FINGERPRINT_EXCLUDE = {"inputs", "output", "overwrite", "strict", "batch_size", "recipe"}
+_FINGERPRINT_EXCLUDE = {"inputs", "output", "overwrite", "strict", "batch_size", "workers", "recipe"}
 SPLITS = ("train", "validation")
 SPLITS_FORMAT = "prep-shards-splits"  # the top-level manifest of a folder holding train/ and validation/
 
@@ -199,16 +199,13 @@ def _encode_sources(run: _Run, report: PackReport, stores: dict[str, ExampleStor
                     progress: bool) -> None:
     """Stream every source through dedup, split and weighting into the encoder and the split's store."""
     config = run.config
-    encoders = {name: Encoder(run.tokenizer, t, train_on=config.train_on, max_len=config.max_len,
-                              overflow=config.overflow) for name, t in run.templates.items()}
     earlier: set[str] | None = set() if len(run.sources) > 1 else None
-    with open(rejects_path, "wb") as rejects, _progress(progress) as bar:
+    with open(rejects_path, "wb") as rejects, _progress(progress) as bar, _Encoders(run, _workers(run)) as encoders:
         for source in run.sources:
-            encoder = encoders[source.template or config.template]
             tally = _SourceTally(source, *_split_of(source, config), earlier)
-            for split, conversations, convert_rejects in tally.batches(config, report.inputs):
+            batches = tally.batches(config, report.inputs)
+            for split, convert_rejects, result in encoders.encode(source.template or config.template, batches):
                 _write_rejects(rejects, convert_rejects)
-                result = encoder.encode(conversations)
                 stores[split].append(result.table)
                 _write_rejects(rejects, result.rejects)
                 for counts, rejected in ((report.counts, report.rejected),
@@ -219,6 +216,88 @@ def _encode_sources(run: _Run, report: PackReport, stores: dict[str, ExampleStor
             report.sources.append(tally.to_dict())
             if earlier is not None:
                 earlier |= tally.hashes
+
+
+# Inputs smaller than this are encoded in-process: starting workers (each imports transformers) costs seconds.
+_PARALLEL_MIN_BYTES = 64 * 2**20
+
+
+def _workers(run: _Run) -> int:
+    """Encoding processes: `--workers`, or with 0 (auto) one per CPU for inputs of 64 MiB and more, else 1."""
+    if run.config.workers:
+        return run.config.workers
+    size = sum(i["bytes"] for i in run.inputs)
+    return min(os.cpu_count() or 1, 8) if size >= _PARALLEL_MIN_BYTES else 1
+
+
+class _Encoders:
+    """One Encoder per template, run in this process or in worker processes; results come back in order.
+
+    Workers change nothing in the output: each batch is encoded by the same deterministic function and the
+    results are consumed in submission order (tested: 1 worker vs several give byte-identical shards).
+    """
+
+    def __init__(self, run: _Run, workers: int):
+        self.workers = workers
+        self.spec = (run.tokenizer, run.templates, run.config.train_on, run.config.max_len, run.config.overflow)
+        self.local = _build_encoders(*self.spec) if workers <= 1 else None
+        self.pool = None
+
+    def __enter__(self) -> "_Encoders":
+        if self.workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # fork where there is one: workers start in milliseconds with the tokenizer already loaded, and a
+            # user's script without an `if __name__ == "__main__"` guard is not re-run (spawn would re-import it).
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method),
+                                            initializer=_init_worker, initargs=self.spec)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=exc[0] is None, cancel_futures=True)
+
+    def encode(self, template: str, batches: Iterable[tuple[str, list[Conversation], list[Reject]]]
+               ) -> Iterator[tuple[str, list[Reject], EncodeResult]]:
+        """(split, convert rejects, EncodeResult) for each batch, in order."""
+        if self.pool is None:
+            for split, conversations, rejects in batches:
+                yield split, rejects, self.local[template].encode(conversations)
+            return
+        from collections import deque
+
+        pending: deque = deque()
+        for split, conversations, rejects in batches:
+            pending.append((split, rejects, self.pool.submit(_encode_in_worker, template, conversations)))
+            if len(pending) >= 2 * self.workers:  # bounded memory: a few batches in flight
+                split_, rejects_, future = pending.popleft()
+                yield split_, rejects_, future.result()
+        while pending:
+            split_, rejects_, future = pending.popleft()
+            yield split_, rejects_, future.result()
+
+
+def _build_encoders(tokenizer: Any, templates: dict[str, Template], train_on: str, max_len: int,
+                    overflow: str) -> dict[str, Encoder]:
+    """One Encoder per template name."""
+    return {name: Encoder(tokenizer, t, train_on=train_on, max_len=max_len, overflow=overflow)
+            for name, t in templates.items()}
+
+
+_WORKER_ENCODERS: dict[str, Encoder] = {}
+
+
+def _init_worker(*spec: Any) -> None:
+    """Build the encoders once per worker process (the tokenizer arrives pickled)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
+    _WORKER_ENCODERS.update(_build_encoders(*spec))
+
+
+def _encode_in_worker(template: str, conversations: list[Conversation]) -> EncodeResult:
+    """Encode one batch in a worker process."""
+    return _WORKER_ENCODERS[template].encode(conversations)
 
 
 class _SourceTally:
