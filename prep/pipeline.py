@@ -291,6 +291,9 @@ _WORKER_ENCODERS: dict[str, Encoder] = {}
 
 def _init_worker(*spec: Any) -> None:
     """Build the encoders once per worker process (the tokenizer arrives pickled)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops the pool
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
     _WORKER_ENCODERS.update(_build_encoders(*spec))
 
