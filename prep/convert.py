@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import pydantic_core
 from pydantic import ValidationError
 
-from prep.errors import AccountingError, ConfigError, PrepError
+from prep.errors import AccountingError, ConfigError, PrepError, flag_error
 from prep.read import BATCH_SIZE, expand_inputs
 from prep.report import Counts, Report
 from prep.sink import JsonlSink, ParquetSink, check_outputs
@@ -573,9 +573,7 @@ def build_config(**flags: Any) -> ConvertConfig:
     try:
         return ConvertConfig(**flags)
     except ValidationError as e:
-        d = e.errors(include_url=False)[0]
-        flag = "--" + "-".join(str(p) for p in d["loc"]) if d["loc"] else "options"
-        raise ConfigError(f"{flag}: {d['msg']}") from None
+        raise flag_error(e) from None
 
 
 def unified_json_schema() -> str:

@@ -36,3 +36,14 @@ class ShardError(PrepError):
 
 class AccountingError(PrepError):
     """read != accepted + rejected (+ deduplicated): a bug, never a user error."""
+
+
+def flag_error(error: Exception) -> ConfigError:
+    """One ConfigError naming the flag, from a pydantic ValidationError raised by a stage config.
+
+    Takes the first error only: one clear line is the CLI's contract. (No pydantic import here, so that
+    `prep train` runs where pydantic is missing.)
+    """
+    detail = error.errors(include_url=False)[0]  # type: ignore[attr-defined]
+    flag = "--" + "-".join(str(p) for p in detail["loc"]).replace("_", "-") if detail["loc"] else "options"
+    return ConfigError(f"{flag}: {str(detail['msg']).removeprefix('Value error, ')}")

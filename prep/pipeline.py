@@ -26,7 +26,7 @@ from typing import Any
 from prep import __version__
 from prep.convert import iter_conversations, relaxed_gc
 from prep.encode import EncodeResult, Encoder
-from prep.errors import AccountingError, ConfigError, PrepError
+from prep.errors import AccountingError, ConfigError, PrepError, flag_error
 from prep.pack import plan_bfd, plan_unpacked, shuffle_rows
 from prep.read import expand_inputs
 from prep.recipe import copies, load_recipe, repeat, validation_hashes, with_system
@@ -42,7 +42,7 @@ from prep.tokenizer import (
     register_markers,
     tokenizer_fingerprint,
 )
-from prep.write import check_output, sha256_file, staging_dir, write_shards
+from prep.write import check_output, sha256_file, staging_dir, write_json, write_shards
 from schemas.conversation import Conversation, content_hash
 from schemas.pack_config import PackConfig
 from schemas.recipe import Source
@@ -406,9 +406,9 @@ def _write_splits(run: _Run, report: PackReport, stores: dict[str, ExampleStore]
                 shard_size=config.shard_size, manifest_extra=_manifest_extra(run, report, split, fingerprint),
                 before_commit=lambda t: run.tokenizer.save_pretrained(t / "tokenizer"))
         shutil.move(str(rejects_path), tmp / REJECTS_FILE)
-        _write_json(tmp / "dataset_dict.json", {"splits": list(SPLITS)})
+        write_json(tmp / "dataset_dict.json", {"splits": list(SPLITS)})
         report.manifest = _split_manifest(run, report)
-        _write_json(tmp / "manifest.json", report.manifest)  # last: its presence marks a complete output
+        write_json(tmp / "manifest.json", report.manifest)  # last: its presence marks a complete output
 
 
 def _split_manifest(run: _Run, report: PackReport) -> dict[str, Any]:
@@ -433,11 +433,6 @@ def _split_manifest(run: _Run, report: PackReport) -> dict[str, Any]:
     }
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    """Canonical JSON (sorted keys, 2-space indent, trailing newline), as prep.write writes it."""
-    path.write_bytes((json.dumps(obj, sort_keys=True, indent=2) + "\n").encode())
-
-
 def build_config(**flags: Any) -> PackConfig:
     """Build a PackConfig from CLI flags, turning a validation error into one ConfigError naming the flag.
 
@@ -460,9 +455,7 @@ def build_config(**flags: Any) -> PackConfig:
     try:
         return PackConfig(**given)
     except ValidationError as e:
-        d = e.errors(include_url=False)[0]
-        flag = "--" + "-".join(str(p) for p in d["loc"]).replace("_", "-") if d["loc"] else "options"
-        raise ConfigError(f"{flag}: {str(d['msg']).removeprefix('Value error, ')}") from None
+        raise flag_error(e) from None
 
 
 def _with_recipe(given: dict[str, Any]) -> dict[str, Any]:

@@ -216,7 +216,7 @@ def write_shards(
             before_commit(tmp)
         # datasets can open the folder once these two exist, so they come after every shard is complete.
         _write_datasets_files(tmp, names, plan.packed, manifest["fingerprint"])
-        _write_json(tmp / "manifest.json", manifest)  # last: its presence marks a complete output
+        write_json(tmp / "manifest.json", manifest)  # last: its presence marks a complete output
     return manifest
 
 
@@ -318,8 +318,8 @@ def _write_datasets_files(tmp: Path, names: list[str], packed: bool, fingerprint
         "_output_all_columns": False,
         "_split": None,
     }
-    _write_json(tmp / "dataset_info.json", info)
-    _write_json(tmp / "state.json", state)
+    write_json(tmp / "dataset_info.json", info)
+    write_json(tmp / "state.json", state)
 
 
 def _json_bytes(obj: dict) -> bytes:
@@ -327,8 +327,8 @@ def _json_bytes(obj: dict) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=2) + "\n").encode()
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    """Write canonical JSON and fsync it."""
+def write_json(path: Path, obj: dict) -> None:
+    """Write canonical JSON (sorted keys, 2-space indent, trailing newline) and fsync it."""
     with open(path, "wb") as f:
         f.write(_json_bytes(obj))
         f.flush()
