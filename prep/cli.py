@@ -216,7 +216,7 @@ def train(
     out_dir: Annotated[str, typer.Option("--out-dir", "-o", help="Checkpoints, metrics.jsonl and the final model.")] = "out",
     model: Annotated[str, typer.Option(help="Local folder or hub id; empty = random init from --model-config.")] = "",
     model_config: Annotated[str, typer.Option("--model-config", help="Built-in config for random init: tiny|small|0.5b.")] = "tiny",
-    attn_implementation: Annotated[str, typer.Option("--attn-implementation", help="auto|sdpa|eager|flash_attention_2|flash_attention_3.")] = "auto",
+    attn_implementation: Annotated[str, typer.Option("--attn-implementation", help="auto|sdpa|eager|flex_attention|flash_attention_2|flash_attention_3 (auto: flash_attention_2 if installed on CUDA, else sdpa).")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Packed rows per micro-batch per process.")] = 8,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
     max_steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps; 0 = as many as --epochs takes.")] = 0,
@@ -243,6 +243,8 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Start afresh in a used out dir.")] = False,
     device: Annotated[str, typer.Option(help="auto = cuda:LOCAL_RANK if available, else cpu.")] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Live progress on rank 0.")] = True,
+    peak_tflops: Annotated[float, typer.Option("--peak-tflops", help="Device peak TFLOP/s for MFU; 0 = bf16 peak of "
+                                               "known GPUs (none on CPU).")] = 0.0,
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Train a causal LM on packed shards (torchrun -m prep train ... for several GPUs)."""

@@ -4,8 +4,8 @@ Imports only torch, pyarrow, numpy and the stdlib: the GPU machines have no pyda
 
 Packed rows hold several whole examples. The model must not let one example attend to another, so
 `packed_attention_kwargs` turns each batch's `position_ids` (which restart at 0 at every example) into the
-boundaries the attention path takes: a 4D block-diagonal causal mask for sdpa/eager, `cu_seq_lens` for
-flash-attention varlen kernels.
+boundaries the attention path takes: a 4D block-diagonal causal mask for sdpa/eager, a block-sparse
+BlockMask for flex_attention, `cu_seq_lens` for flash-attention varlen kernels.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ IGNORE_INDEX = -100
 SHARD_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lengths")
 LIST_INT32 = pa.list_(pa.int32())
 MASK_PATHS = ("sdpa", "eager")  # take an explicit 4D block-diagonal causal mask
+FLEX_PATHS = ("flex_attention",)  # take a BlockMask: masked-out blocks are skipped, not computed
 VARLEN_PATHS = ("flash_attention_2", "flash_attention_3")  # take cu_seq_lens on a padding-free batch
+ISOLATED_PATHS = MASK_PATHS + FLEX_PATHS + VARLEN_PATHS  # every path prep can keep packed examples apart on
 
 
 @dataclass(frozen=True)
@@ -280,13 +282,41 @@ def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.boo
     >>> block_causal_mask(torch.tensor([[0, 1, 0]]))[0, 0].int().tolist()
     [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
     """
-    doc = (position_ids == 0).cumsum(dim=1)
+    doc = example_index(position_ids)
     same_doc = doc[:, :, None] == doc[:, None, :]
     idx = torch.arange(position_ids.shape[1], device=position_ids.device)
     mask = (same_doc & (idx[None, :, None] >= idx[None, None, :]))[:, None]
     if dtype == torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def example_index(position_ids: torch.Tensor) -> torch.Tensor:
+    """For every token, which example of its row it belongs to (examples start where position_ids is 0).
+
+    >>> example_index(torch.tensor([[0, 1, 0, 1, 2]])).tolist()
+    [[1, 1, 2, 2, 2]]
+    """
+    return (position_ids == 0).cumsum(dim=1)
+
+
+def block_mask(position_ids: torch.Tensor):
+    """A flex-attention BlockMask, causal within each example of each row, built on position_ids' device.
+
+    Unlike the dense 4D mask, its kernel skips the blocks between examples, so attention costs what the
+    examples need rather than what the row length needs.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = example_index(position_ids)
+
+    def same_example_causal(b, h, q, k):
+        return (doc[b, q] == doc[b, k]) & (q >= k)
+
+    batch, length = position_ids.shape
+    return create_block_mask(
+        same_example_causal, B=batch, H=None, Q_LEN=length, KV_LEN=length, device=position_ids.device
+    )
 
 
 def cu_seq_lens(position_ids: torch.Tensor) -> torch.Tensor:
@@ -307,6 +337,7 @@ def packed_attention_kwargs(
     """Keyword arguments that keep packed examples apart on the given transformers attention path.
 
     sdpa/eager: `attention_mask` = 4D block-diagonal causal mask (bool for sdpa, additive `dtype` for eager).
+    flex_attention: `attention_mask` = the same mask as a BlockMask (pass position_ids on the model's device).
     flash_attention_2/3: `cu_seq_lens_q/k` and `max_length_q/k`; needs a padding-free (1, total) batch.
 
     Raises:
@@ -319,6 +350,8 @@ def packed_attention_kwargs(
     if attn_implementation in MASK_PATHS:
         mask_dtype = torch.bool if attn_implementation == "sdpa" else dtype
         return {"attention_mask": block_causal_mask(position_ids, mask_dtype)}
+    if attn_implementation in FLEX_PATHS:
+        return {"attention_mask": block_mask(position_ids)}
     if attn_implementation in VARLEN_PATHS:
         if position_ids.shape[0] != 1:
             raise ConfigError(
@@ -330,7 +363,7 @@ def packed_attention_kwargs(
         return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
     raise ConfigError(
         f"attn_implementation {attn_implementation!r} cannot be given explicit packed-example boundaries, so "
-        f"examples in a packed row could attend to each other; use one of {list(MASK_PATHS + VARLEN_PATHS)}"
+        f"examples in a packed row could attend to each other; use one of {list(ISOLATED_PATHS)}"
     )
 
 
@@ -352,6 +385,12 @@ class Collator:
     """
 
     def __init__(self, max_len: int, pad_id: int, padding_free: bool = False, attn_implementation: str | None = None):
+        if attn_implementation in FLEX_PATHS:
+            raise ConfigError(
+                "Collator(attn_implementation='flex_attention'): a BlockMask must be built on the model's device and "
+                "trainers do not move it there; call packed_attention_kwargs(position_ids.to(device), "
+                "'flex_attention') in the training step instead"
+            )
         self.max_len, self.pad_id, self.padding_free = max_len, pad_id, padding_free
         self.attn_implementation = attn_implementation
 

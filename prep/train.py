@@ -6,8 +6,8 @@ Imports only torch, transformers, pyarrow, numpy, rich and the stdlib (no pydant
     torchrun --nproc-per-node 8 -m prep train shards/ -o out/ [--fsdp]  # DDP, or FSDP2 with --fsdp
 
 Packed examples never see each other: every forward pass gets the explicit example boundaries of its attention
-path (a block-diagonal causal mask for sdpa/eager, cu_seq_lens for flash attention), and any other path is
-refused. The loss of one optimizer step is the sum of token losses over all its micro-batches and ranks divided
+path (a block-diagonal causal mask for sdpa/eager, a BlockMask for flex_attention, cu_seq_lens for flash
+attention), and any other path is refused. The loss of one optimizer step is the sum of token losses over all its micro-batches and ranks divided
 by the number of trained tokens in that whole window, so its gradient is that of one batch holding those rows.
 """
 
@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from prep.errors import ConfigError, OutputExistsError, PrepError
 from prep.load import (
     IGNORE_INDEX,
+    FLEX_PATHS,
+    ISOLATED_PATHS,
     MASK_PATHS,
     VARLEN_PATHS,
     Collator,
@@ -53,7 +55,7 @@ class TrainConfig:
     out_dir: str = "out"  # receives checkpoints/, metrics.jsonl and the final model + tokenizer
     model: str = ""  # local folder or hub id for AutoModelForCausalLM; "" = random init from model_config
     model_config: str = "tiny"  # built-in config (prep.models.MODEL_CONFIGS) for a random-init run when model is ""
-    attn_implementation: str = "auto"  # sdpa|eager|flash_attention_2|_3; auto = flash_attention_2 if installed (CUDA)
+    attn_implementation: str = "auto"  # sdpa|eager|flex_attention|flash_attention_2|_3; auto: flash_attention_2 if installed (CUDA), else sdpa
     batch_size: int = 8  # packed rows per micro-batch on each process
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 0  # optimizer steps; 0 = as many as `epochs` takes
@@ -79,6 +81,7 @@ class TrainConfig:
     overwrite: bool = False  # start afresh in an out_dir that already holds a run (deletes its checkpoints/metrics)
     device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
     progress: bool = True  # live rich progress on rank 0
+    peak_tflops: float = 0.0  # the device's dense peak (TFLOP/s) for MFU; 0 = bf16 peak of known GPUs, none on CPU
     trust_remote_code: bool = False  # let a hub model/tokenizer run its own code (never needed for shards from prep)
 
 
@@ -112,6 +115,7 @@ class MicroBatch:
     position: Position
     tokens: int
     examples: int
+    squared_lengths: int  # sum of the squared example lengths (the attention work of the batch)
 
 
 def setup_distributed(device: str = "auto") -> Dist:
@@ -138,6 +142,11 @@ def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
 
 def resolve_attention(requested: str, device: torch.device) -> str:
     """The attention path to load the model with; `auto` prefers flash_attention_2 on CUDA when installed."""
+    if requested in FLEX_PATHS and device.type != "cuda":
+        raise ConfigError(
+            f"--attn-implementation {requested} trains only on CUDA (PyTorch has no CPU backward for it); "
+            "use sdpa on the CPU"
+        )
     if requested != "auto":
         return requested
     if device.type == "cuda":
@@ -182,14 +191,15 @@ def build_model(config: TrainConfig, shards: Shards, device: torch.device):
 def check_packed_attention(model, max_len: int) -> str:
     """The model's attention path if packed examples stay isolated on it; else raise ConfigError."""
     attn = model.config._attn_implementation
-    if attn not in MASK_PATHS + VARLEN_PATHS:
+    if attn not in ISOLATED_PATHS:
         raise ConfigError(
             f"attn_implementation {attn!r} would let the examples of a packed row attend to each other (prep cannot "
-            f"pass it explicit example boundaries); use --attn-implementation sdpa, eager or flash_attention_2"
+            f"pass it explicit example boundaries); use --attn-implementation sdpa, eager, flex_attention or "
+            "flash_attention_2"
         )
     window = getattr(model.config, "sliding_window", None)
     sliding = "sliding_attention" in (getattr(model.config, "layer_types", None) or [])
-    if attn in MASK_PATHS and sliding and window is not None and window < max_len:
+    if attn in MASK_PATHS + FLEX_PATHS and sliding and window is not None and window < max_len:
         raise ConfigError(
             f"the model has sliding-window layers (window {window} < max_len {max_len}), which an explicit block mask "
             "would turn into full attention; use --attn-implementation flash_attention_2"
@@ -267,9 +277,10 @@ def micro_batches(dataset: PackedDataset, collate: Collator, batch_size: int, st
         while b < n_batches:
             rows = [dataset[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(dataset)))]
             b += 1
-            tokens = sum(len(r["input_ids"]) for r in rows)
-            examples = sum(len(r["seq_lengths"]) for r in rows)
-            yield MicroBatch(collate(rows), Position(epoch, b), tokens, examples)
+            lengths = torch.cat([r["seq_lengths"] for r in rows])
+            yield MicroBatch(
+                collate(rows), Position(epoch, b), int(lengths.sum()), len(lengths), int((lengths * lengths).sum())
+            )
         epoch, b = epoch + 1, 0
 
 
@@ -402,23 +413,40 @@ PEAK_BF16_FLOPS = [
 ]
 
 
-def peak_flops(device: torch.device, precision: str) -> float | None:
-    """The device's dense bf16 peak, or None (CPU, fp32 runs, unknown GPU: MFU is then omitted)."""
+def peak_flops(device: torch.device, precision: str, peak_tflops: float = 0.0) -> float | None:
+    """`peak_tflops` if given, else the device's dense bf16 peak, or None (CPU, fp32 runs, unknown GPU: no MFU)."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12
     if device.type != "cuda" or precision == "fp32":
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
-def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N for the matmuls (the input embedding lookup excluded) + 12·L·d·T for attention."""
+@dataclass(frozen=True)
+class FlopCount:
+    """Training FLOPs of a decoder-only model, the usual way: 6·N per token for the matmuls (N without the input
+    embedding lookup) plus 12·L·H·d_head per pair of a token and a token of its own example (attention scores and
+    values, forward and backward). Attention is counted per example, so a packed row is not credited with
+    attention between its examples, which the block-diagonal mask never computes."""
+
+    per_token: float
+    per_pair: float
+
+    def step(self, tokens: int, squared_lengths: int) -> float:
+        """FLOPs of a step over `tokens` real tokens whose examples' squared lengths sum to `squared_lengths`."""
+        return self.per_token * tokens + self.per_pair * squared_lengths
+
+
+def count_flops(model) -> FlopCount:
+    """The FlopCount of `model` (before any wrapping)."""
     cfg = model.config
     n = sum(p.numel() for p in model.parameters())
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is None or head.weight is not embed.weight:
         n -= embed.weight.numel()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 6.0 * n + 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq_len
+    return FlopCount(6.0 * n, 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim)
 
 
 def checkpoint_dir(out_dir: Path, step: int) -> Path:
@@ -613,7 +641,7 @@ def train_model(config: TrainConfig) -> dict[str, Any]:
     shards = load_shards(config.shards)
     raw_model, tokenizer = build_model(config, shards, d.device)
     attn = check_packed_attention(raw_model, shards.max_len)
-    flops, peak = flops_per_token(raw_model, shards.max_len), peak_flops(d.device, config.precision)
+    flops, peak = count_flops(raw_model), peak_flops(d.device, config.precision, config.peak_tflops)
     model = wrap_model(raw_model, config, d)
     optimizer = configure_optimizer(raw_model, config, d.device)
     dataset = PackedDataset(shards, d.rank, d.world_size, config.seed)
@@ -641,8 +669,14 @@ def train_model(config: TrainConfig) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step, position = step + 1, window[-1].position
-            loss_sum, tokens, examples = all_reduce_sum(
-                [loss_sum, sum(mb.tokens for mb in window), sum(mb.examples for mb in window)], d
+            loss_sum, tokens, examples, squared_lengths = all_reduce_sum(
+                [
+                    loss_sum,
+                    sum(mb.tokens for mb in window),
+                    sum(mb.examples for mb in window),
+                    sum(mb.squared_lengths for mb in window),
+                ],
+                d,
             )
             dt = time.perf_counter() - t0
             metrics = {
@@ -659,7 +693,7 @@ def train_model(config: TrainConfig) -> dict[str, Any]:
                 "step_time_s": dt,
             }
             if peak:
-                metrics["mfu"] = flops * tokens / dt / (peak * d.world_size)
+                metrics["mfu"] = flops.step(tokens, squared_lengths) / dt / (peak * d.world_size)
             if step % config.log_every == 0 or step == steps:
                 log.write(metrics)
             bar.update(task, completed=step, metrics=describe(metrics))
@@ -680,7 +714,7 @@ def check_config(config: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    for name in ("max_steps", "save_every", "lr", "weight_decay", "grad_clip", "eval_every", "eval_batches"):
+    for name in ("max_steps", "save_every", "lr", "weight_decay", "grad_clip", "eval_every", "eval_batches", "peak_tflops"):
         if getattr(config, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if not 0 <= config.warmup_ratio < 1 or not 0 <= config.min_lr_ratio <= 1:

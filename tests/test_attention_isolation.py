@@ -3,7 +3,9 @@
 For real architectures (Llama, Qwen2; random weights, fp32, CPU) and every attention path the trainer can
 pick, the per-token loss of every example inside a micro-batch of several packed rows (with a pad tail)
 equals the loss of that example run on its own. Tolerance: 1e-5 absolute on per-token cross-entropy
-(fp32; measured differences are ~1e-6, while leakage between examples shows up as > 1e-2).
+(fp32 on the CPU; measured differences are ~1e-6, while leakage between examples shows up as > 1e-2); 1e-4 for
+flex_attention's GPU kernel in fp32, 2e-2 for flash attention (bf16 only). flex_attention runs on the GPU when
+there is one (its Triton kernel is what trains), else on the CPU.
 
 The second half pins what transformers 5.24 does *without* explicit boundaries (read in masking_utils:
 packed sequences are detected from position_ids only when attention_mask is None and there is no cache;
@@ -28,6 +30,7 @@ ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
 PATHS = [
     "sdpa",
     "eager",
+    "flex_attention",
     pytest.param(
         "flash_attention_2",
         marks=pytest.mark.skipif(
@@ -119,7 +122,7 @@ def packed_examples(losses: torch.Tensor, rows, padding_free: bool) -> list[torc
 @pytest.mark.parametrize("attn", PATHS)
 def test_packed_rows_give_the_loss_of_each_example_alone(shards, rows, arch, attn):
     flash = attn.startswith("flash")
-    device = "cuda" if flash else "cpu"
+    device = "cuda" if flash or (attn == "flex_attention" and torch.cuda.is_available()) else "cpu"
     model = tiny_model(arch, attn, shards.manifest["tokenizer"]["vocab_size"], device)
     batch = Collator(shards.max_len, shards.pad_token_id, padding_free=flash)(rows)  # the trainer's choice per path
     inputs = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
@@ -128,7 +131,8 @@ def test_packed_rows_give_the_loss_of_each_example_alone(shards, rows, arch, att
         logits = packed_logits(model, inputs, check_packed_attention(model, shards.max_len))
     packed = [x.cpu() for x in packed_examples(token_losses(logits, inputs["labels"], "none"), rows, flash)]
     alone = [x.cpu() for x in isolated_losses(model, rows)]
-    assert max_difference(packed, alone, trained(rows)) < (2e-2 if flash else TOL)  # flash runs in bf16
+    tolerance = 2e-2 if flash else 1e-4 if device == "cuda" else TOL  # flash runs in bf16; GPU fp32 kernels differ
+    assert max_difference(packed, alone, trained(rows)) < tolerance
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -165,7 +169,7 @@ def test_transformers_default_kv_cache_silently_mixes_packed_examples(shards, ro
 
 def test_trainer_refuses_paths_without_explicit_boundaries(shards):
     model = tiny_model("llama", "sdpa", shards.manifest["tokenizer"]["vocab_size"])
-    model.config._attn_implementation = "flex_attention"
+    model.config._attn_implementation = "paged|eager"
     with pytest.raises(ConfigError, match="would let the examples of a packed row attend to each other"):
         check_packed_attention(model, shards.max_len)
 

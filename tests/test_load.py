@@ -223,6 +223,20 @@ def test_block_causal_mask_exact():
     assert additive[1, 0] == 0 and additive[0, 1] == torch.finfo(torch.float32).min and additive[2, 1] < -1e38
 
 
+def test_flex_block_mask_allows_exactly_what_the_dense_mask_allows():
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 0, 1]])
+    mask = packed_attention_kwargs(position_ids, "flex_attention")["attention_mask"]
+    b, q, k = torch.meshgrid(torch.arange(2), torch.arange(10), torch.arange(10), indexing="ij")
+    allowed = mask.mask_mod(b, torch.zeros_like(b), q, k)
+    assert mask.shape == (2, 1, 10, 10)
+    assert torch.equal(allowed, block_causal_mask(position_ids)[:, 0])
+
+
+def test_collator_refuses_to_build_a_flex_block_mask_on_the_host():
+    with pytest.raises(ConfigError, match="built on the model's device"):
+        Collator(max_len=6, pad_id=0, attn_implementation="flex_attention")
+
+
 def test_cu_seq_lens_exact():
     assert cu_seq_lens(torch.tensor([[0, 1, 2, 0, 0, 1]])).tolist() == [0, 3, 4, 6]
 
@@ -235,7 +249,7 @@ def test_collator_attaches_the_mask_for_the_named_attention_path():
     assert torch.equal(sdpa["attention_mask"], eager["attention_mask"] == 0)
 
 
-@pytest.mark.parametrize("attn", ["flex_attention", "paged_attention", "my_kernel"])
+@pytest.mark.parametrize("attn", ["paged|eager", "paged_attention", "my_kernel"])
 def test_unsupported_attention_paths_are_refused(attn):
     with pytest.raises(ConfigError, match="could attend to each other"):
         packed_attention_kwargs(torch.tensor([[0, 1, 0]]), attn)

@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import prep.train as train
 from prep.errors import ConfigError, OutputExistsError
+from prep.load import PackedDataset, load_shards
 from prep.models import model_config
 from prep.train import (
     TrainConfig,
-    flops_per_token,
+    count_flops,
     get_lr,
     parse_args,
     peak_flops,
@@ -180,7 +181,7 @@ def test_contaminating_attention_path_is_refused(shards_dir, tmp_path):
     with pytest.raises(ConfigError, match="attend to each other"):
         train_model(
             TrainConfig(
-                shards=str(shards_dir), out_dir=str(tmp_path), attn_implementation="flex_attention", max_steps=1, **FAST
+                shards=str(shards_dir), out_dir=str(tmp_path), attn_implementation="paged|eager", max_steps=1, **FAST
             )
         )
 
@@ -200,6 +201,25 @@ def test_bad_options_raise_config_error_naming_the_flag(shards_dir, tmp_path, ba
         train_model(TrainConfig(**{"shards": str(shards_dir), "out_dir": str(tmp_path), "max_steps": 1, **FAST, **bad}))
 
 
+def test_flex_attention_on_cpu_is_refused_before_training(shards_dir, tmp_path):
+    config = TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path), attn_implementation="flex_attention", **FAST)
+    with pytest.raises(ConfigError, match="flex_attention trains only on CUDA"):
+        train_model(config)
+
+
+def test_mfu_with_a_given_peak_counts_attention_per_example(shards_dir, tmp_path):
+    out = tmp_path / "out"
+    train_model(TrainConfig(shards=str(shards_dir), out_dir=str(out), max_steps=3, peak_tflops=0.5, **FAST))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    flops = count_flops(model)
+    rows = PackedDataset(load_shards(shards_dir), seed=0)
+    first = [rows[i]["seq_lengths"] for i in range(2)]  # step 1 = the first micro-batch of epoch 0
+    squared = sum(int((x * x).sum()) for x in first)
+    m = read_metrics(out)[0]
+    assert m["tokens"] == sum(int(x.sum()) for x in first)
+    assert m["mfu"] == pytest.approx(flops.step(m["tokens"], squared) / m["step_time_s"] / 0.5e12, rel=1e-9)
+
+
 def test_get_lr_warmup_then_cosine():
     config = TrainConfig(lr=1.0, warmup_ratio=0.1, min_lr_ratio=0.1)
     lrs = [get_lr(s, 100, config) for s in range(100)]
@@ -207,10 +227,13 @@ def test_get_lr_warmup_then_cosine():
     assert lrs[99] == pytest.approx(0.1) and lrs[55] == pytest.approx(0.55, abs=0.01)
 
 
-def test_flops_per_token_is_6n_plus_attention():
+def test_flops_are_6n_per_token_plus_attention_within_each_example():
     model = AutoModelForCausalLM.from_config(model_config("tiny", vocab_size=270, max_len=512))
     n = sum(p.numel() for p in model.parameters())  # tied: the embedding counts once, as the output matmul
-    assert flops_per_token(model, 512) == 6 * n + 12 * 4 * 64 * 512
+    flops = count_flops(model)
+    assert flops.step(tokens=512, squared_lengths=512**2) == 512 * (6 * n + 12 * 4 * 64 * 512)  # one 512-token example
+    packed = flops.step(tokens=512, squared_lengths=4 * 128**2)  # four 128-token examples in one row
+    assert packed == 512 * 6 * n + 12 * 4 * 64 * 4 * 128**2
     assert peak_flops(torch.device("cpu"), "auto") is None
 
 
@@ -243,9 +266,19 @@ def test_parse_args_maps_every_flag_onto_a_field():
     )
 
 
-@pytest.mark.parametrize("variant", [dict(gradient_checkpointing=True), dict(attn_implementation="eager")])
-def test_checkpointing_and_eager_path_train_like_the_default(shards_dir, tmp_path, variant):
-    run = dict(shards=str(shards_dir), max_steps=3, **FAST)
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(gradient_checkpointing=True),
+        dict(attn_implementation="eager"),
+        pytest.param(
+            dict(attn_implementation="flex_attention", device="cuda"),
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention has no CPU backward"),
+        ),
+    ],
+)
+def test_checkpointing_and_other_attention_paths_train_like_the_default(shards_dir, tmp_path, variant):
+    run = dict(shards=str(shards_dir), max_steps=3, precision="fp32", **FAST)  # the same numerics on a GPU too
     train_model(TrainConfig(out_dir=str(tmp_path / "base"), **run))
     train_model(TrainConfig(out_dir=str(tmp_path / "variant"), **run, **variant))
     base, other = read_metrics(tmp_path / "base"), read_metrics(tmp_path / "variant")
