@@ -20,9 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,6 +34,7 @@ from prep.errors import ConfigError
 from schemas.conversation import Conversation, Message
 
 TEMPLATE_NAMES = ("markers", "chatml", "tokenizer")
+TEMPLATE_DATE = datetime(2024, 7, 26)  # what `strftime_now` in a chat template reads (fixed: same output every day)
 _PLACEHOLDER_BASE = 0xF0000  # Supplementary Private Use Area-A: one code point per message
 
 
@@ -464,8 +468,41 @@ def _as_dicts(messages: Sequence[Message]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
+class _TemplateClock(datetime):
+    """The `datetime` that transformers' `strftime_now` sees while prep renders: always TEMPLATE_DATE."""
+
+    @classmethod
+    def now(cls, tz: Any = None) -> datetime:
+        return TEMPLATE_DATE
+
+
+@contextmanager
+def _fixed_template_date() -> Iterator[None]:
+    """Let chat templates that print today's date (`strftime_now`, e.g. Llama 3.2's) print TEMPLATE_DATE instead.
+
+    transformers turns template kwargs into plain data, so a function cannot be passed in; its `strftime_now`
+    reads the module-level `datetime`, which is swapped for the duration of the render.
+    """
+    module = sys.modules.get("transformers.utils.chat_template_utils")
+    original = getattr(module, "datetime", None)
+    if original is not datetime:  # not the transformers this was written against: leave it alone
+        yield
+        return
+    module.datetime = _TemplateClock
+    try:
+        yield
+    finally:
+        module.datetime = original
+
+
 def _apply_chat_template(tokenizer: Any, template: Template, batch: list[list[dict[str, str]]]) -> list[Any]:
     """Batched `apply_chat_template(tokenize=False)`; one conversation at a time if the batch raises."""
+    with _fixed_template_date():
+        return _apply_chat_template_batch(tokenizer, template, batch)
+
+
+def _apply_chat_template_batch(tokenizer: Any, template: Template, batch: list[list[dict[str, str]]]) -> list[Any]:
+    """`_apply_chat_template` without the fixed date."""
     kwargs = {"tokenize": False, "chat_template": template.chat_template}
     try:
         return list(tokenizer.apply_chat_template(batch, **kwargs)) if batch else []

@@ -201,6 +201,26 @@ def test_chat_template_that_raises_is_a_failure_for_that_conversation_only():
     assert isinstance(out[1], RenderFailure) and out[1].reason == "template_error"
 
 
+def test_chat_template_that_prints_todays_date_prints_a_fixed_one():
+    import datetime
+
+    from prep.tokenizer import default_tokenizer
+
+    tok = default_tokenizer()
+    dated = Template(
+        name="tokenizer",
+        chat_template="Today Date: {{ strftime_now('%d %b %Y') }}\n{% for m in messages %}{{ m.content }}<|im_end|>"
+        "{% endfor %}",
+    )
+    out = render_batch([ALPACA_554, ALPACA_554], dated, tok)
+    assert [r.text.splitlines()[0] for r in out] == ["Today Date: 26 Jul 2024"] * 2
+    assert out[0].text[out[0].spans[1].start : out[0].spans[1].stop] == ALPACA_554[1].content + "<|im_end|>"
+    today = datetime.datetime.now().strftime("%d %b %Y")  # outside prep's render the real clock is back
+    assert today in tok.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False, chat_template=dated.chat_template
+    )
+
+
 def test_tokenizer_template_needs_a_chat_template():
     class NoTemplate:
         chat_template = None
