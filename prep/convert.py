@@ -39,7 +39,6 @@ from prep.validate import STAGE, ValidatedBatch, raw_text, validate_file
 from schemas.config import ConvertConfig
 from schemas.conversation import Conversation, Message, SourceRef, content_hash, conversation_problems
 from schemas.raw import (
-    ROLE_MAP,
     TOOL_ROLES,
     AlpacaRecord,
     OpenAIRecord,
@@ -47,6 +46,7 @@ from schemas.raw import (
     ShareGPTRecord,
     TranscriptRecord,
     UnifiedRecord,
+    unified_role,
 )
 from schemas.reject import ErrorDetail, Reject
 
@@ -136,9 +136,9 @@ def sharegpt_turns(r: ShareGPTRecord) -> Draft:
     (['user', 'assistant', 'user', 'assistant'], 'function_call')
     """
     turns = [Turn("system", r.system, "system")] if r.system else []
-    turns += [Turn(ROLE_MAP[m.from_], m.value, f"conversations[{i}]") for i, m in enumerate(r.conversations)]
+    turns += [Turn(unified_role(m.from_), m.value, f"conversations[{i}]") for i, m in enumerate(r.conversations)]
     meta = _extras(r)
-    if any(m.from_ in TOOL_ROLES for m in r.conversations):
+    if any(m.from_.lower() in TOOL_ROLES for m in r.conversations):
         meta["original_roles"] = [m.from_ for m in r.conversations]
     return Draft(turns, meta)
 
@@ -146,22 +146,39 @@ def sharegpt_turns(r: ShareGPTRecord) -> Draft:
 def openai_turns(r: OpenAIRecord) -> Draft:
     """OpenAI messages: tool results -> user; an assistant's tool calls are appended to its content as JSON.
 
+    A list `content` is its text parts joined (as chat templates print them); an assistant message's `weight`
+    becomes its training override (0: not trained, 1: trained).
+
     >>> d = openai_turns(OpenAIRecord.model_validate({"messages": [
-    ...     {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}))
-    >>> [t.content for t in d.turns]
-    ['Hi', 'Hello!']
+    ...     {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+    ...     {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "weight": 0}]}))
+    >>> [(t.role, t.content, t.train) for t in d.turns]
+    [('system', 'Be brief.', None), ('user', 'Hi', None), ('assistant', 'Hello!', False)]
     """
     turns = []
     tools = False
     for i, m in enumerate(r.messages):
+        role = unified_role(m.role)
+        text = m.content if m.content is None or m.content.__class__ is str else _text_parts(m.content, i)
         calls = m.tool_calls if m.tool_calls is not None else ([m.function_call] if m.function_call else None)
-        content = _join([m.content or "", _to_json(calls).decode()]) if calls else m.content or ""
-        tools = tools or bool(calls) or m.role in TOOL_ROLES
-        turns.append(Turn(ROLE_MAP[m.role], content, f"messages[{i}]"))
+        content = _join([text or "", _to_json(calls).decode()]) if calls else text or ""
+        tools = tools or bool(calls) or m.role.lower() in TOOL_ROLES
+        train = bool(m.weight) if m.weight is not None and role == "assistant" else None
+        turns.append(Turn(role, content, f"messages[{i}]", train))
     meta = _extras(r)
     if tools:
         meta["original_roles"] = [m.role for m in r.messages]
     return Draft(turns, meta)
+
+
+def _text_parts(parts: list[Any], index: int) -> str:
+    """The text of a list `content`; any other kind of part (image, audio, file) cannot become SFT text."""
+    for j, part in enumerate(parts):
+        if part.type != "text" or part.text is None:
+            raise Unconvertible(f"messages[{index}].content[{j}]", f"content part of type {part.type!r} is not "
+                                "text (prep prepares text-only data); only {'type': 'text', 'text': ...} parts "
+                                "are accepted", "unsupported_content")
+    return "".join(part.text for part in parts)
 
 
 # Transcript markers, one style per record (the style whose marker comes first is used).

@@ -16,7 +16,15 @@ from pydantic import ValidationError
 
 from prep.errors import InputError
 from prep.read import BATCH_SIZE, RawBatch, read_batches
-from schemas.raw import BATCH_ADAPTERS, FIELD_ALIASES, FORMAT_NAMES, RECORD_ADAPTERS, RawRecord
+from schemas.raw import (
+    BATCH_ADAPTERS,
+    FIELD_ALIASES,
+    FORMAT_NAMES,
+    OPENAI_ROLES,
+    RECORD_ADAPTERS,
+    SHAREGPT_ROLES,
+    RawRecord,
+)
 from schemas.reject import ErrorDetail, Reject
 
 SAMPLE_SIZE = 32
@@ -27,7 +35,7 @@ SIGNATURES: dict[str, str] = {
     "unified": "id + messages + (meta or source)",
     "openai": "messages",
     "sharegpt": "conversations",
-    "alpaca": "instruction",
+    "alpaca": "instruction (or prompt + completion)",
     "transcript": "text or chosen",
 }
 
@@ -64,7 +72,7 @@ def record_format(keys: Any) -> str | None:
         return "unified" if "id" in keys and ("meta" in keys or "source" in keys) else "openai"
     if "conversations" in keys:
         return "sharegpt"
-    if "instruction" in keys:
+    if "instruction" in keys or ("prompt" in keys and "completion" in keys):
         return "alpaca"
     if "text" in keys or "chosen" in keys:
         return "transcript"
@@ -208,7 +216,7 @@ def _reason(detail: Any, payload: Any) -> str:
         return "not_an_object"
     if kind == "missing":
         return "missing_field"
-    if kind == "literal_error" and loc and loc[-1] in ("from", "role"):
+    if kind == "string_pattern_mismatch" and loc and loc[-1] in ("from", "role"):
         return "unknown_role"
     if kind == "extra_forbidden":
         return "unexpected_field"
@@ -220,8 +228,9 @@ def _reason(detail: Any, payload: Any) -> str:
 def _message(detail: Any, payload: Any) -> str:
     """A readable message for one pydantic error (names the role, the alias, the bad byte)."""
     kind, loc, msg = detail["type"], detail["loc"], detail["msg"]
-    if kind == "literal_error" and loc and loc[-1] in ("from", "role"):
-        return f"unknown role {detail['input']!r}; expected {detail['ctx']['expected']}"
+    if kind == "string_pattern_mismatch" and loc and loc[-1] in ("from", "role"):
+        roles = OPENAI_ROLES if loc[0] == "messages" else SHAREGPT_ROLES
+        return f"unknown role {detail['input']!r}; expected one of {', '.join(roles)} (in any case)"
     if kind == "missing" and loc and loc[-1] in FIELD_ALIASES:
         others = " or ".join(repr(a) for a in FIELD_ALIASES[loc[-1]])
         return f"{msg} (also accepted as {others})"

@@ -7,9 +7,12 @@ message other than those named here are ignored. The TypeAdapters are built once
 Formats and the keys that identify them (see `detect` in prep/validate.py):
 
 - `alpaca`: `instruction`, `input` (or Dolly's `context`), `output` (or `response`), optional
-  `system` and LLaMA-Factory `history` pairs.
+  `system` and LLaMA-Factory `history` pairs; also prompt/completion pairs (`prompt` + `completion` strings).
 - `sharegpt`: `conversations: [{from, value}]` (also `{role, content}`), optional `system`.
-- `openai`: `messages: [{role, content}]`, tool roles and `tool_calls` included.
+- `openai`: `messages: [{role, content}]`, tool roles and `tool_calls` included; `content` may be a list of
+  text parts; an assistant message's `weight` (0 or 1, OpenAI fine-tuning) says whether it is trained.
+
+Role names are matched case-insensitively ("Human", "GPT", "USER" are roles too), in Rust, by pattern.
 - `transcript`: one text field (`text` or hh-rlhf's `chosen`) holding a whole dialogue.
 - `unified`: prep's own output form (schemas/conversation.py); it converts to itself.
 """
@@ -32,22 +35,38 @@ USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant", "chatgpt", "bing", "bard", "model", "claude", "ai", "bot")
 TOOL_CALL_ROLES = ("function_call", "tool_call")
 TOOL_RESULT_ROLES = ("observation", "tool", "function", "ipython")
-ROLE_MAP: dict[str, str] = {
+SYSTEM_ROLES = ("system", "developer")  # "developer": OpenAI's name for the system prompt of newer models
+ROLE_MAP: dict[str, str] = {  # lower-case role name -> unified role
     **{r: "user" for r in USER_ROLES + TOOL_RESULT_ROLES},
     **{r: "assistant" for r in ASSISTANT_ROLES + TOOL_CALL_ROLES},
-    "system": "system",
+    **{r: "system" for r in SYSTEM_ROLES},
 }
 TOOL_ROLES = frozenset(TOOL_CALL_ROLES + TOOL_RESULT_ROLES)
+SHAREGPT_ROLES = USER_ROLES + ASSISTANT_ROLES + TOOL_CALL_ROLES + TOOL_RESULT_ROLES + ("system",)
+OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
-ShareGPTRole = Literal[
-    "human", "user", "gpt", "assistant", "chatgpt", "bing", "bard", "model", "claude", "ai", "bot",
-    "function_call", "tool_call", "observation", "tool", "function", "ipython", "system",
-]
-OpenAIRole = Literal["system", "user", "assistant", "tool", "function"]
+
+def role_pattern(roles: tuple[str, ...]) -> str:
+    """A case-insensitive regex matching exactly one of `roles` (checked by pydantic-core, in Rust).
+
+    >>> role_pattern(("user", "gpt"))
+    '^(?i:user|gpt)$'
+    """
+    return "^(?i:" + "|".join(roles) + ")$"
+
+
+def unified_role(name: str) -> str:
+    """The unified role of a validated role name, whatever its case.
+
+    >>> unified_role("GPT"), unified_role("observation")
+    ('assistant', 'user')
+    """
+    return ROLE_MAP.get(name) or ROLE_MAP[name.lower()]
 
 # Alternative key names, used to word "missing field" errors ("output (or response)").
 FIELD_ALIASES: dict[str, tuple[str, ...]] = {
-    "output": ("response",),
+    "instruction": ("prompt",),
+    "output": ("response", "completion"),
     "input": ("context",),
     "from": ("role",),
     "value": ("content",),
@@ -58,17 +77,19 @@ _ITEM = ConfigDict(frozen=True, extra="ignore")
 
 
 class AlpacaRecord(BaseModel):
-    """An instruction/response pair (Alpaca, Dolly `context`/`response`, GPTeacher `response`).
+    """An instruction/response pair (Alpaca, Dolly `context`/`response`, GPTeacher `response`, prompt/completion).
 
     >>> AlpacaRecord.model_validate({"instruction": "Add", "context": "2+2", "response": "4"}).output
     '4'
+    >>> AlpacaRecord.model_validate({"prompt": "Add 2+2", "completion": "4"}).instruction
+    'Add 2+2'
     """
 
     model_config = _RECORD
 
-    instruction: str
+    instruction: str = Field(validation_alias=AliasChoices("instruction", "prompt"))
     input: str | None = Field("", validation_alias=AliasChoices("input", "context"))
-    output: str = Field(validation_alias=AliasChoices("output", "response"))
+    output: str = Field(validation_alias=AliasChoices("output", "response", "completion"))
     system: str | None = None
     history: tuple[tuple[str, str], ...] = ()  # a tuple default: nothing to copy per record
 
@@ -78,7 +99,7 @@ class ShareGPTTurn(BaseModel):
 
     model_config = _ITEM
 
-    from_: ShareGPTRole = Field(validation_alias=AliasChoices("from", "role"))
+    from_: str = Field(validation_alias=AliasChoices("from", "role"), pattern=role_pattern(SHAREGPT_ROLES))
     value: str = Field(validation_alias=AliasChoices("value", "content"))
 
 
@@ -95,15 +116,25 @@ class ShareGPTRecord(BaseModel):
     system: str | None = None
 
 
+class ContentPart(BaseModel):
+    """One part of a list `content` (OpenAI / transformers multimodal form); only `text` parts are usable."""
+
+    model_config = _ITEM
+
+    type: str
+    text: str | None = None
+
+
 class OpenAIMessage(BaseModel):
     """One OpenAI chat message; assistant tool calls may come without content."""
 
     model_config = _ITEM
 
-    role: OpenAIRole
-    content: str | None = None
+    role: str = Field(pattern=role_pattern(OPENAI_ROLES))
+    content: str | list[ContentPart] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     function_call: dict[str, Any] | None = None
+    weight: Literal[0, 1] | None = None  # OpenAI fine-tuning: 0 = do not train this assistant message
 
 
 class OpenAIRecord(BaseModel):

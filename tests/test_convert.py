@@ -27,7 +27,9 @@ from prep.convert import (
     strip_separator,
 )
 from prep.errors import AccountingError, InputError, OutputExistsError, PrepError
+from prep.read import RawBatch
 from prep.report import Report
+from prep.validate import validate_batch
 from schemas.config import ConvertConfig
 from schemas.conversation import Conversation, content_hash, conversation_problems
 from schemas.raw import RECORD_ADAPTERS, AlpacaRecord
@@ -63,6 +65,7 @@ def read_jsonl(path: Path) -> list[dict]:
     ({"instruction": "Q", "context": "C", "response": "R", "category": "qa"}, [("user", "Q\n\nC"), ("assistant", "R")]),
     ({"instruction": "Q", "output": "A", "system": "Be brief.", "history": [["q0", "a0"]]},
      [("system", "Be brief."), ("user", "q0"), ("assistant", "a0"), ("user", "Q"), ("assistant", "A")]),
+    ({"prompt": "Translate: chat", "completion": "cat"}, [("user", "Translate: chat"), ("assistant", "cat")]),
 ])
 def test_alpaca(row: dict, expected: list) -> None:
     assert pairs(convert_one("alpaca", row)) == expected
@@ -100,6 +103,25 @@ def test_openai_tool_calls_become_assistant_content() -> None:
     assert pairs(c) == [("user", "EUR to USD?"), ("assistant", '[{"function":{"name":"rate"}}]'),
                         ("user", "1.08"), ("assistant", "About 1.08.")]
     assert c.meta == {"label": True, "original_roles": ["user", "assistant", "tool", "assistant"]}
+
+
+def test_openai_developer_role_content_parts_and_weights() -> None:
+    row = {"messages": [{"role": "developer", "content": "Answer in French."},
+                        {"role": "User", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "how?"}]},
+                        {"role": "assistant", "content": "Bonjur.", "weight": 0},
+                        {"role": "user", "content": "Again?"},
+                        {"role": "assistant", "content": "Bonjour.", "weight": 1}]}
+    c = convert_one("openai", row)
+    assert pairs(c) == [("system", "Answer in French."), ("user", "Hello, how?"), ("assistant", "Bonjur."),
+                        ("user", "Again?"), ("assistant", "Bonjour.")]
+    assert [m.train for m in c.messages] == [None, None, False, None, True]
+
+
+def test_openai_weight_other_than_0_or_1_is_a_reject() -> None:
+    [r] = validate_batch(RawBatch("w.jsonl", [1], [b'{"messages": [{"role": "user", "content": "q"}, '
+                                                   b'{"role": "assistant", "content": "a", "weight": 0.5}]}'], 1.0),
+                         "openai").records
+    assert r.reason == "invalid_value" and r.errors[0].field == "messages[1].weight"
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -411,7 +433,7 @@ CUT_GZIP = gzip.compress(b"".join(b'{"instruction": "q%d", "output": "a"}\n' % i
 
 @pytest.mark.parametrize("name, content, message", [
     ("empty.jsonl", b"", "empty file"),
-    ("unknown.jsonl", b'{"prompt": "a", "completion": "b"}\n', "cannot detect the format: saw {completion, prompt}"),
+    ("unknown.jsonl", b'{"question": "a", "answer": "b"}\n', "cannot detect the format: saw {answer, question}"),
     ("cut.jsonl.gz", CUT_GZIP[: len(CUT_GZIP) // 2], "truncated gzip"),
     ("mixed.jsonl", b'{"instruction": "a", "output": "b"}\n{"messages": []}\n', "ambiguous format"),
 ])

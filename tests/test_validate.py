@@ -36,7 +36,9 @@ def reasons(fmt: str, payloads: list) -> list[str | None]:
     ({"id", "source", "messages", "meta"}, "unified"),
     ({"chosen", "rejected"}, "transcript"),
     ({"text"}, "transcript"),
-    ({"prompt", "completion"}, None),
+    ({"prompt", "completion"}, "alpaca"),
+    ({"prompt"}, None),
+    ({"question", "answer"}, None),
 ])
 def test_record_format(keys: set[str], fmt: str | None) -> None:
     assert record_format(keys) == fmt
@@ -48,10 +50,10 @@ def test_detect_format_skips_unreadable_lines() -> None:
 
 def test_unknown_format_names_the_file_and_the_keys() -> None:
     with pytest.raises(InputError) as e:
-        detect_format("data/x.jsonl", [b'{"prompt": "a", "completion": "b"}'])
+        detect_format("data/x.jsonl", [b'{"question": "a", "answer": "b"}'])
     msg = str(e.value)
     assert msg.startswith("data/x.jsonl: cannot detect the format")
-    assert "{completion, prompt}" in msg and "--format" in msg
+    assert "{answer, question}" in msg and "--format" in msg
 
 
 def test_ambiguous_format_names_both_formats() -> None:
@@ -117,7 +119,7 @@ def test_reject_carries_location_raw_and_every_error() -> None:
     assert (r.path, r.line, r.stage, r.format, r.reason) == ("bad.jsonl", 1, "convert", "alpaca", "wrong_type")
     assert [(e.field, e.message) for e in r.errors] == [
         ("instruction", "Input should be a valid string"),
-        ("output", "Field required (also accepted as 'response')"),
+        ("output", "Field required (also accepted as 'response' or 'completion')"),
     ]
     assert r.raw == '{"instruction": 5, "extra": true}'
 
@@ -127,7 +129,8 @@ def test_unknown_role_names_the_role() -> None:
     [r] = validate_batch(batch([row]), "sharegpt").records
     assert r.reason == "unknown_role"
     assert r.errors[0].field == "conversations[1].from"
-    assert r.errors[0].message.startswith("unknown role 'narrator'; expected 'human', 'user', 'gpt'")
+    assert r.errors[0].message.startswith("unknown role 'narrator'; expected one of human, user, gpt, assistant")
+    assert r.errors[0].message.endswith("system (in any case)")
 
 
 def test_sharegpt_role_aliases_are_accepted() -> None:
