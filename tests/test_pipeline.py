@@ -32,3 +32,21 @@ def test_worker_processes_give_byte_identical_shards(inputs, shared_data, tmp_pa
     c = many.manifest["counts"]
     assert c["conversations"] + c["split"] == c["examples"] + c["dropped"] + sum(many.rejected.values())
     assert verify_shards(tmp_path / "many").ok
+
+
+def test_a_tokenizer_shipped_only_as_a_sentencepiece_model_packs_and_verifies(inputs, shared_data, tmp_path):
+    """Older Llama-2-style repos have tokenizer.model and no tokenizer.json: transformers converts it to a fast
+    tokenizer (with sentencepiece + protobuf, prep dependencies), whose offsets prep's labels need."""
+    import shutil
+
+    spm = tmp_path / "spm-only"
+    spm.mkdir()
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(shared_data / "tokenizers" / "mistral-7b-instruct-v0.3" / name, spm / name)
+    report = pack_shards(PackConfig(inputs=inputs, output=str(tmp_path / "out"), tokenizer=str(spm), max_len=1024))
+    official = pack_shards(PackConfig(inputs=inputs, output=str(tmp_path / "json"), max_len=1024,
+                                      tokenizer=str(shared_data / "tokenizers" / "mistral-7b-instruct-v0.3")))
+    assert report.manifest["counts"]["examples"] == official.manifest["counts"]["examples"] > 1000
+    assert report.rejected == official.rejected  # the same records (one real `###` marker in a reply)
+    assert report.manifest["tokenizer"]["bos_token_id"] == 1
+    assert verify_shards(tmp_path / "out").ok
