@@ -7,8 +7,9 @@ Imports only torch, transformers, pyarrow, numpy, rich and the stdlib (no pydant
 
 Packed examples never see each other: every forward pass gets the explicit example boundaries of its attention
 path (a block-diagonal causal mask for sdpa/eager, a BlockMask for flex_attention, cu_seq_lens for flash
-attention), and any other path is refused. The loss of one optimizer step is the sum of token losses over all its micro-batches and ranks divided
-by the number of trained tokens in that whole window, so its gradient is that of one batch holding those rows.
+attention), and any other path is refused. The loss of one optimizer step is the sum of token losses over all its
+micro-batches and ranks divided by the number of trained tokens in that whole window, so its gradient is that of
+one batch holding those rows.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class TrainConfig:
     out_dir: str = "out"  # receives checkpoints/, metrics.jsonl and the final model + tokenizer
     model: str = ""  # local folder or hub id for AutoModelForCausalLM; "" = random init from model_config
     model_config: str = "tiny"  # built-in config (prep.models.MODEL_CONFIGS) for a random-init run when model is ""
-    attn_implementation: str = "auto"  # sdpa|eager|flex_attention|flash_attention_2|_3; auto: flash_attention_2 if installed (CUDA), else sdpa
+    # sdpa|eager|flex_attention|flash_attention_2|_3; auto = flash_attention_2 if installed (CUDA), else sdpa
+    attn_implementation: str = "auto"
     batch_size: int = 8  # packed rows per micro-batch on each process
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 0  # optimizer steps; 0 = as many as `epochs` takes
