@@ -272,20 +272,27 @@ class PackedDataset(torch.utils.data.Dataset):
         return {name: torch.from_numpy(col[row].astype(np.int64)) for name, col in self.columns.items()}
 
 
-def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+def block_causal_mask(
+    position_ids: torch.Tensor, dtype: torch.dtype = torch.bool, window: int | None = None
+) -> torch.Tensor:
     """A (batch, 1, len, len) causal mask that is block-diagonal over the examples of each row.
 
     An example starts wherever position_ids is 0, so padding built as its own 0..k run is its own block.
     bool (True = attend) for sdpa; for eager pass a float dtype: 0 where allowed, dtype min elsewhere
-    (eager adds the mask to the scores, so a bool mask would be silently wrong there).
+    (eager adds the mask to the scores, so a bool mask would be silently wrong there). With a sliding
+    `window`, a token also sees only the `window` latest tokens (itself included), as transformers does.
 
     >>> block_causal_mask(torch.tensor([[0, 1, 0]]))[0, 0].int().tolist()
     [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    >>> block_causal_mask(torch.tensor([[0, 1, 2]]), window=2)[0, 0].int().tolist()
+    [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
     """
     doc = example_index(position_ids)
     same_doc = doc[:, :, None] == doc[:, None, :]
     idx = torch.arange(position_ids.shape[1], device=position_ids.device)
-    mask = (same_doc & (idx[None, :, None] >= idx[None, None, :]))[:, None]
+    distance = idx[None, :, None] - idx[None, None, :]  # query index - key index
+    allowed = distance >= 0 if window is None else (distance >= 0) & (distance < window)
+    mask = (same_doc & allowed)[:, None]
     if dtype == torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
@@ -300,18 +307,19 @@ def example_index(position_ids: torch.Tensor) -> torch.Tensor:
     return (position_ids == 0).cumsum(dim=1)
 
 
-def block_mask(position_ids: torch.Tensor):
+def block_mask(position_ids: torch.Tensor, window: int | None = None):
     """A flex-attention BlockMask, causal within each example of each row, built on position_ids' device.
 
     Unlike the dense 4D mask, its kernel skips the blocks between examples, so attention costs what the
-    examples need rather than what the row length needs.
+    examples need rather than what the row length needs. `window` as in `block_causal_mask`.
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
     doc = example_index(position_ids)
 
     def same_example_causal(b, h, q, k):
-        return (doc[b, q] == doc[b, k]) & (q >= k)
+        allowed = (doc[b, q] == doc[b, k]) & (q >= k)
+        return allowed if window is None else allowed & (q - k < window)
 
     batch, length = position_ids.shape
     return create_block_mask(
@@ -331,14 +339,58 @@ def cu_seq_lens(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, end]).to(torch.int32)
 
 
+def _mask(position_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype, window: int | None) -> Any:
+    """The block-diagonal mask in the form the path takes: BlockMask (flex), bool (sdpa) or additive (eager)."""
+    if attn_implementation in FLEX_PATHS:
+        return block_mask(position_ids, window)
+    return block_causal_mask(position_ids, torch.bool if attn_implementation == "sdpa" else dtype, window)
+
+
+ALL_LAYERS = "*"  # the key of `attention_windows` when every layer has the same window
+WINDOWED_LAYER_TYPES = {"full_attention": False, "sliding_attention": True}  # transformers' names
+
+
+def attention_windows(config: Any) -> dict[str, int | None]:
+    """The attention window of each layer type of a transformers model config (None = full causal attention).
+
+    With `layer_types` (Gemma 2/3, Qwen2 with use_sliding_window, GPT-OSS, ...): one entry per type,
+    `sliding_window` for "sliding_attention". Without: `{"*": config.sliding_window}`, the window transformers
+    applies to every layer (Mistral v0.1, Mixtral, Phi-3, Starcoder2; None for Llama).
+
+    Raises:
+        ConfigError: a layer type that is neither full nor sliding attention (e.g. recurrent or chunked layers),
+            for which prep cannot pass packed-example boundaries.
+
+    >>> attention_windows(type("Cfg", (), {"sliding_window": 2047})())
+    {'*': 2047}
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        return {ALL_LAYERS: window}
+    unknown = sorted(set(layer_types) - set(WINDOWED_LAYER_TYPES))
+    if unknown:
+        raise ConfigError(
+            f"the model has {unknown[0]!r} layers; prep keeps packed examples apart only on full and sliding-window "
+            "attention layers, so it cannot train this model on packed rows"
+        )
+    return {t: window if WINDOWED_LAYER_TYPES[t] else None for t in dict.fromkeys(layer_types)}
+
+
 def packed_attention_kwargs(
-    position_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype = torch.float32
+    position_ids: torch.Tensor,
+    attn_implementation: str,
+    dtype: torch.dtype = torch.float32,
+    windows: Mapping[str, int | None] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments that keep packed examples apart on the given transformers attention path.
 
     sdpa/eager: `attention_mask` = 4D block-diagonal causal mask (bool for sdpa, additive `dtype` for eager).
     flex_attention: `attention_mask` = the same mask as a BlockMask (pass position_ids on the model's device).
     flash_attention_2/3: `cu_seq_lens_q/k` and `max_length_q/k`; needs a padding-free (1, total) batch.
+    `windows` (from `attention_windows(model.config)`) adds the model's sliding windows to the masks: one mask
+    for every layer, or a dict of masks by layer type when the types differ within the row length (transformers
+    models with `layer_types` take such a dict). Flash kernels get their window from the model itself.
 
     Raises:
         ConfigError: another attention path (its isolation of packed examples is not guaranteed here),
@@ -347,11 +399,12 @@ def packed_attention_kwargs(
     >>> sorted(packed_attention_kwargs(torch.tensor([[0, 1, 0]]), "flash_attention_2"))
     ['cu_seq_lens_k', 'cu_seq_lens_q', 'max_length_k', 'max_length_q']
     """
-    if attn_implementation in MASK_PATHS:
-        mask_dtype = torch.bool if attn_implementation == "sdpa" else dtype
-        return {"attention_mask": block_causal_mask(position_ids, mask_dtype)}
-    if attn_implementation in FLEX_PATHS:
-        return {"attention_mask": block_mask(position_ids)}
+    if attn_implementation in MASK_PATHS + FLEX_PATHS:
+        length = position_ids.shape[1]
+        effective = {t: w if w is not None and w < length else None for t, w in (windows or {ALL_LAYERS: None}).items()}
+        if len(set(effective.values())) == 1:  # one mask serves every layer
+            return {"attention_mask": _mask(position_ids, attn_implementation, dtype, next(iter(effective.values())))}
+        return {"attention_mask": {t: _mask(position_ids, attn_implementation, dtype, w) for t, w in effective.items()}}
     if attn_implementation in VARLEN_PATHS:
         if position_ids.shape[0] != 1:
             raise ConfigError(
@@ -367,6 +420,27 @@ def packed_attention_kwargs(
     )
 
 
+@dataclass(frozen=True)
+class PackedAttention:
+    """What keeps a model's packed examples apart: its attention path and the window of each layer type.
+
+    >>> PackedAttention("sdpa").kwargs(torch.tensor([[0, 1, 0]]))["attention_mask"].shape
+    torch.Size([1, 1, 3, 3])
+    """
+
+    implementation: str
+    windows: Mapping[str, int | None] | None = None
+
+    @classmethod
+    def of(cls, model: Any) -> PackedAttention:
+        """The spec of a transformers model (its `_attn_implementation` and `attention_windows`)."""
+        return cls(model.config._attn_implementation, attention_windows(model.config))
+
+    def kwargs(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """`packed_attention_kwargs` for this path and these windows."""
+        return packed_attention_kwargs(position_ids, self.implementation, dtype, self.windows)
+
+
 class Collator:
     """Collate shard rows into model inputs: input_ids, labels, position_ids (+ boundaries on request).
 
@@ -377,6 +451,7 @@ class Collator:
     max_length_q/k for flash-attention varlen kernels.
     attn_implementation: if given, also add `packed_attention_kwargs` (e.g. the 4D mask for sdpa), so that
     `model(**batch)` is isolated as is (HF Trainer); leave it None to build masks on the device instead.
+    windows: the model's sliding windows for those masks, `attention_windows(model.config)`.
     Labels at every example start (position 0) are set to -100, as the shard contract already requires.
 
     >>> c = Collator(max_len=4, pad_id=0)
@@ -384,7 +459,14 @@ class Collator:
     [[0, 1, 0, 0]]
     """
 
-    def __init__(self, max_len: int, pad_id: int, padding_free: bool = False, attn_implementation: str | None = None):
+    def __init__(
+        self,
+        max_len: int,
+        pad_id: int,
+        padding_free: bool = False,
+        attn_implementation: str | None = None,
+        windows: Mapping[str, int | None] | None = None,
+    ):
         if attn_implementation in FLEX_PATHS:
             raise ConfigError(
                 "Collator(attn_implementation='flex_attention'): a BlockMask must be built on the model's device and "
@@ -392,7 +474,7 @@ class Collator:
                 "'flex_attention') in the training step instead"
             )
         self.max_len, self.pad_id, self.padding_free = max_len, pad_id, padding_free
-        self.attn_implementation = attn_implementation
+        self.attn_implementation, self.windows = attn_implementation, windows
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ids, labels, pos = (
@@ -417,7 +499,7 @@ class Collator:
         if self.padding_free:
             batch.update(packed_attention_kwargs(batch["position_ids"], "flash_attention_2"))
         if self.attn_implementation and not (self.padding_free and self.attn_implementation in VARLEN_PATHS):
-            batch.update(packed_attention_kwargs(batch["position_ids"], self.attn_implementation))
+            batch.update(packed_attention_kwargs(batch["position_ids"], self.attn_implementation, windows=self.windows))
         return batch
 
     def _pad(self, seqs: list[torch.Tensor], tail) -> torch.Tensor:

@@ -37,13 +37,12 @@ from prep.load import (
     IGNORE_INDEX,
     FLEX_PATHS,
     ISOLATED_PATHS,
-    MASK_PATHS,
     VARLEN_PATHS,
     Collator,
+    PackedAttention,
     PackedDataset,
     Shards,
     load_shards,
-    packed_attention_kwargs,
     split_names,
 )
 
@@ -190,8 +189,8 @@ def build_model(config: TrainConfig, shards: Shards, device: torch.device):
     return model.to(device), tokenizer
 
 
-def check_packed_attention(model, max_len: int) -> str:
-    """The model's attention path if packed examples stay isolated on it; else raise ConfigError."""
+def check_packed_attention(model) -> PackedAttention:
+    """How the model's packed examples are kept apart; ConfigError if its attention path or layers cannot be."""
     attn = model.config._attn_implementation
     if attn not in ISOLATED_PATHS:
         raise ConfigError(
@@ -199,14 +198,7 @@ def check_packed_attention(model, max_len: int) -> str:
             f"pass it explicit example boundaries); use --attn-implementation sdpa, eager, flex_attention or "
             "flash_attention_2"
         )
-    window = getattr(model.config, "sliding_window", None)
-    sliding = "sliding_attention" in (getattr(model.config, "layer_types", None) or [])
-    if attn in MASK_PATHS + FLEX_PATHS and sliding and window is not None and window < max_len:
-        raise ConfigError(
-            f"the model has sliding-window layers (window {window} < max_len {max_len}), which an explicit block mask "
-            "would turn into full attention; use --attn-implementation flash_attention_2"
-        )
-    return attn
+    return PackedAttention.of(model)
 
 
 def wrap_model(model, config: TrainConfig, d: Dist):
@@ -291,9 +283,10 @@ def trained_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def packed_logits(model, inputs: dict[str, torch.Tensor], attn: str) -> torch.Tensor:
+def packed_logits(model, inputs: dict[str, torch.Tensor], attn: PackedAttention | str) -> torch.Tensor:
     """Logits of a micro-batch of packed rows, each example attending only to its own earlier tokens."""
-    boundaries = packed_attention_kwargs(inputs["position_ids"], attn, dtype=torch.float32)
+    spec = attn if isinstance(attn, PackedAttention) else PackedAttention(attn)
+    boundaries = spec.kwargs(inputs["position_ids"], dtype=torch.float32)
     # use_cache=False: with a KV cache transformers also drops its own packed-sequence detection (measured on 5.24).
     return model(
         input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False, **boundaries
@@ -308,7 +301,7 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "s
     return flat if reduction == "sum" else flat.view(labels.shape[0], -1)
 
 
-def token_loss_sum(model, inputs: dict[str, torch.Tensor], attn: str) -> torch.Tensor:
+def token_loss_sum(model, inputs: dict[str, torch.Tensor], attn: PackedAttention | str) -> torch.Tensor:
     """Sum (not mean) of the token losses of a micro-batch, packed examples kept apart."""
     return token_losses(packed_logits(model, inputs, attn), inputs["labels"])
 
@@ -323,7 +316,7 @@ def grad_sync(model, enabled: bool):
 
 
 def forward_backward(
-    model, window: list[dict[str, torch.Tensor]], attn: str, d: Dist, autocast=nullcontext
+    model, window: list[dict[str, torch.Tensor]], attn: PackedAttention | str, d: Dist, autocast=nullcontext
 ) -> tuple[float, float]:
     """Accumulate the gradient of sum(token losses) / (trained tokens over all micro-batches and ranks).
 
@@ -358,8 +351,15 @@ def validation_set(config: TrainConfig, d: Dist) -> PackedDataset | None:
     return PackedDataset(shards, d.rank, d.world_size, seed=0, shuffle=False)
 
 
-def evaluate(model, dataset: PackedDataset, collate: Collator, config: TrainConfig, attn: str, d: Dist,
-             autocast=nullcontext) -> dict[str, float]:
+def evaluate(
+    model,
+    dataset: PackedDataset,
+    collate: Collator,
+    config: TrainConfig,
+    attn: PackedAttention | str,
+    d: Dist,
+    autocast=nullcontext,
+) -> dict[str, float]:
     """Validation loss (summed token loss / trained tokens, over all ranks) and perplexity, packed rows kept apart.
 
     >>> evaluate(model, val_rows, collate, TrainConfig(), "sdpa", Dist())  # doctest: +SKIP
@@ -642,13 +642,13 @@ def train_model(config: TrainConfig) -> dict[str, Any]:
     out_dir = prepare_out_dir(config, d)
     shards = load_shards(config.shards)
     raw_model, tokenizer = build_model(config, shards, d.device)
-    attn = check_packed_attention(raw_model, shards.max_len)
+    attn = check_packed_attention(raw_model)
     flops, peak = count_flops(raw_model), peak_flops(d.device, config.precision, config.peak_tflops)
     model = wrap_model(raw_model, config, d)
     optimizer = configure_optimizer(raw_model, config, d.device)
     dataset = PackedDataset(shards, d.rank, d.world_size, config.seed)
     validation = validation_set(config, d)
-    collate = Collator(shards.max_len, shards.pad_token_id, padding_free=attn in VARLEN_PATHS)
+    collate = Collator(shards.max_len, shards.pad_token_id, padding_free=attn.implementation in VARLEN_PATHS)
     step, position = 0, Position()
     if config.resume:
         step, position = load_checkpoint(latest_checkpoint(out_dir), raw_model, optimizer, config, d)

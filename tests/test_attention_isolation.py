@@ -17,11 +17,11 @@ from __future__ import annotations
 import pytest
 import torch
 from _shards import build_shards, single_thread  # noqa: F401 (autouse fixture)
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 from transformers.utils import is_flash_attn_2_available
 
 from prep.errors import ConfigError
-from prep.load import Collator, PackedDataset, load_shards
+from prep.load import Collator, PackedAttention, PackedDataset, load_shards
 from prep.train import check_packed_attention, packed_logits, token_losses
 
 TOL = 1e-5
@@ -128,7 +128,7 @@ def test_packed_rows_give_the_loss_of_each_example_alone(shards, rows, arch, att
     inputs = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
     assert inputs["input_ids"].shape[0] == (1 if flash else 4)
     with torch.no_grad():
-        logits = packed_logits(model, inputs, check_packed_attention(model, shards.max_len))
+        logits = packed_logits(model, inputs, check_packed_attention(model))
     packed = [x.cpu() for x in packed_examples(token_losses(logits, inputs["labels"], "none"), rows, flash)]
     alone = [x.cpu() for x in isolated_losses(model, rows)]
     tolerance = 2e-2 if flash else 1e-4 if device == "cuda" else TOL  # flash runs in bf16; GPU fp32 kernels differ
@@ -171,22 +171,48 @@ def test_trainer_refuses_paths_without_explicit_boundaries(shards):
     model = tiny_model("llama", "sdpa", shards.manifest["tokenizer"]["vocab_size"])
     model.config._attn_implementation = "paged|eager"
     with pytest.raises(ConfigError, match="would let the examples of a packed row attend to each other"):
-        check_packed_attention(model, shards.max_len)
+        check_packed_attention(model)
 
 
-def test_trainer_refuses_block_masks_that_would_drop_a_sliding_window(shards):
+# --- sliding-window models: the masks carry the model's own windows -----------------------------------------
+
+WINDOW = 48  # far below the examples' lengths, so a window that is ignored or off by one changes the losses
+SLIDING = {
+    # every layer windowed, no layer_types (as Mistral v0.1, Mixtral, Phi-3, Starcoder2)
+    "mistral": lambda vocab: MistralConfig(sliding_window=WINDOW, **small(vocab)),
+    # full and sliding layers mixed through layer_types (as Gemma 2/3, GPT-OSS): a dict of masks by layer type
+    "qwen2-mixed": lambda vocab: Qwen2Config(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+                                             **small(vocab)),
+}
+
+
+def small(vocab: int) -> dict:
+    return dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512)
+
+
+def sliding_model(arch: str, attn: str, vocab: int):
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        use_sliding_window=True,
-        sliding_window=64,
-        max_window_layers=0,
-    )
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    with pytest.raises(ConfigError, match="sliding-window layers"):
-        check_packed_attention(model, shards.max_len)
+    return AutoModelForCausalLM.from_config(SLIDING[arch](vocab), attn_implementation=attn).eval()
+
+
+@pytest.mark.parametrize("arch", sorted(SLIDING))
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+def test_sliding_window_models_keep_their_windows_inside_packed_rows(shards, rows, arch, attn):
+    model = sliding_model(arch, attn, shards.manifest["tokenizer"]["vocab_size"])
+    spec = check_packed_attention(model)
+    assert spec.windows == ({"*": WINDOW} if arch == "mistral" else {"full_attention": None, "sliding_attention": WINDOW})
+    batch = Collator(shards.max_len, shards.pad_token_id)(rows)
+    alone = isolated_losses(model, rows)  # transformers applies the window itself on a single example
+    with torch.no_grad():
+        packed = split_packed(token_losses(packed_logits(model, batch, spec), batch["labels"], "none"), rows)
+        full = split_packed(token_losses(packed_logits(model, batch, attn), batch["labels"], "none"), rows)
+    assert max_difference(packed, alone, trained(rows)) < TOL
+    assert max_difference(full, alone, trained(rows)) > LEAK  # the window matters here: dropping it is seen
+
+
+def test_layer_types_without_packed_boundaries_are_refused(shards):
+    model = sliding_model("qwen2-mixed", "sdpa", shards.manifest["tokenizer"]["vocab_size"])
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(ConfigError, match="'linear_attention' layers"):
+        check_packed_attention(model)

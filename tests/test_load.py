@@ -15,6 +15,7 @@ from prep.errors import ConfigError, ShardError
 from prep.load import (
     Collator,
     PackedDataset,
+    attention_windows,
     block_causal_mask,
     cu_seq_lens,
     iter_rows,
@@ -230,6 +231,30 @@ def test_flex_block_mask_allows_exactly_what_the_dense_mask_allows():
     allowed = mask.mask_mod(b, torch.zeros_like(b), q, k)
     assert mask.shape == (2, 1, 10, 10)
     assert torch.equal(allowed, block_causal_mask(position_ids)[:, 0])
+
+
+def test_windows_give_one_mask_per_layer_type_only_where_they_matter():
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1]])
+    mixed = {"full_attention": None, "sliding_attention": 3}
+    masks = packed_attention_kwargs(position_ids, "sdpa", windows=mixed)["attention_mask"]
+    assert torch.equal(masks["full_attention"], block_causal_mask(position_ids))
+    assert torch.equal(masks["sliding_attention"], block_causal_mask(position_ids, window=3))
+    assert masks["sliding_attention"][0, 0, 4].int().tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]
+    wide = packed_attention_kwargs(position_ids, "sdpa", windows={"full_attention": None, "sliding_attention": 10})
+    assert torch.equal(wide["attention_mask"], block_causal_mask(position_ids))  # a window >= the row changes nothing
+    flex = packed_attention_kwargs(position_ids, "flex_attention", windows={"*": 3})["attention_mask"]
+    b, q, k = torch.meshgrid(torch.arange(1), torch.arange(10), torch.arange(10), indexing="ij")
+    assert torch.equal(flex.mask_mod(b, torch.zeros_like(b), q, k), block_causal_mask(position_ids, window=3)[:, 0])
+
+
+def test_attention_windows_read_transformers_configs():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    assert attention_windows(LlamaConfig()) == {"*": None}
+    assert attention_windows(MistralConfig(sliding_window=4096)) == {"*": 4096}
+    assert attention_windows(Qwen2Config()) == {"full_attention": None}  # use_sliding_window=False
+    mixed = Qwen2Config(use_sliding_window=True, sliding_window=512, max_window_layers=2, num_hidden_layers=4)
+    assert attention_windows(mixed) == {"full_attention": None, "sliding_attention": 512}
 
 
 def test_collator_refuses_to_build_a_flex_block_mask_on_the_host():

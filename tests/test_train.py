@@ -166,6 +166,39 @@ def test_marker_tokens_resize_a_pretrained_models_embeddings(tmp_path):
     assert model.get_input_embeddings().num_embeddings == 49154 == len(AutoTokenizer.from_pretrained(tmp_path / "out"))
 
 
+def test_a_model_with_full_and_sliding_window_layers_trains_with_one_mask_per_layer_type(
+    shards_dir, tmp_path, monkeypatch
+):
+    from transformers import Qwen2Config
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=257,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        use_sliding_window=True,
+        sliding_window=32,
+        max_window_layers=1,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    masks = []
+    build = train.PackedAttention.kwargs
+
+    def spy(self, *args, **kwargs):
+        masks.append(build(self, *args, **kwargs)["attention_mask"])
+        return {"attention_mask": masks[-1]}
+
+    monkeypatch.setattr(train.PackedAttention, "kwargs", spy)
+    run = TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path / "out"), model=str(base), max_steps=2, **FAST)
+    final = train_model(run)
+    assert final["step"] == 2 and math.isfinite(final["loss"])
+    assert masks and all(set(m) == {"full_attention", "sliding_attention"} for m in masks)
+
+
 def test_epochs_mode_runs_whole_accumulation_windows(shards_dir, tmp_path):
     small = build_shards(tmp_path / "shards", n_examples=40, max_len=512, num_shards=1, tokenizer_name="bytes")
     final = train_model(

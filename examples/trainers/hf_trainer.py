@@ -3,9 +3,10 @@
     python examples/trainers/hf_trainer.py shards/ --max-steps 20 [--model path/or/hub-id]
 
 What to set, and why:
-- `data_collator=Collator(max_len, pad_id, attn_implementation=model.config._attn_implementation)`: every batch
-  then carries the 4D block-diagonal causal mask (sdpa/eager), so `model(**batch)` keeps packed examples
-  apart whatever else the Trainer does. For flash_attention_2 use `padding_free=True` (cu_seq_lens) instead;
+- `data_collator=Collator(max_len, pad_id, attn_implementation=model.config._attn_implementation,
+  windows=attention_windows(model.config))`: every batch then carries the 4D block-diagonal causal mask
+  (sdpa/eager) with the model's sliding windows, so `model(**batch)` keeps packed examples apart whatever else
+  the Trainer does. For flash_attention_2 use `padding_free=True` (cu_seq_lens) instead;
 - `model.config.use_cache = False`: with a KV cache (the default) and no explicit mask, transformers 5.24
   silently lets packed examples attend to each other;
 - the dataset is prep's PackedDataset with rank=0, world_size=1: the Trainer (accelerate) shards it itself;
@@ -21,7 +22,7 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from prep.load import Collator, PackedDataset, load_shards
+from prep.load import Collator, PackedDataset, attention_windows, load_shards
 from prep.models import model_config
 
 
@@ -70,6 +71,7 @@ def main(
             shards_.pad_token_id,
             padding_free=attn.startswith("flash"),
             attn_implementation=net.config._attn_implementation,
+            windows=attention_windows(net.config),
         ),
     )
     trainer.train()

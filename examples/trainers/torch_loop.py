@@ -4,8 +4,9 @@
 
 What to set, and why:
 - pass `position_ids` from the batch (they restart at 0 at every example) and `use_cache=False`;
-- pass the example boundaries of the attention path: `packed_attention_kwargs` gives a 4D block-diagonal
-  causal mask for sdpa/eager (cu_seq_lens for flash attention on a padding-free batch). transformers 5.24
+- pass the example boundaries of the attention path: `PackedAttention.of(model).kwargs(position_ids)` gives a
+  4D block-diagonal causal mask for sdpa/eager, with the model's sliding windows where it has them (cu_seq_lens
+  for flash attention on a padding-free batch). transformers 5.24
   also detects packing from position_ids alone, but only with no attention_mask and no KV cache, and the
   default `use_cache=True` silently lets packed examples attend to each other;
 - normalise the summed token loss by the number of trained tokens (labels != -100 after the shift).
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prep.load import Collator, PackedDataset, load_shards, packed_attention_kwargs
+from prep.load import Collator, PackedAttention, PackedDataset, load_shards
 from prep.models import model_config
 
 
@@ -48,12 +49,13 @@ def main(
     net = load_model(model, tokenizer, shards_.max_len, attn)
     dataset = PackedDataset(shards_, rank=0, world_size=1, seed=0)  # under torchrun: rank=RANK, world_size=WORLD_SIZE
     collate = Collator(shards_.max_len, shards_.pad_token_id, padding_free=attn.startswith("flash"))
+    boundaries_of = PackedAttention.of(net)  # the attention path and the sliding window of each layer type
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
     losses, epoch = [], 0
     while len(losses) < max_steps:
         dataset.set_epoch(epoch)
         for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-            boundaries = packed_attention_kwargs(batch["position_ids"], attn)
+            boundaries = boundaries_of.kwargs(batch["position_ids"])
             logits = net(
                 input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **boundaries
             ).logits
