@@ -126,6 +126,46 @@ def alpaca_turns(r: AlpacaRecord) -> Draft:
     return Draft(turns, _extras(r))
 
 
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # the names transformers' chat templates read
+
+
+def fold_reasoning(reasoning: str, content: str) -> str:
+    """An assistant reply with its reasoning in front, in the `<think>` form of DeepSeek-R1 and Qwen3.
+
+    >>> fold_reasoning("2+2 is 4.", "4")
+    '<think>\\n2+2 is 4.\\n</think>\\n\\n4'
+    """
+    return f"<think>\n{reasoning}\n</think>\n\n{content}"
+
+
+def _message_fields(turns: list[Turn], messages: list[Any], prefix: str, meta: dict[str, Any]) -> None:
+    """Keep the messages' unknown keys in `meta["message_fields"]`, folding an assistant's reasoning into its turn.
+
+    Folded replies are counted in `meta["reasoning_folded"]`; every other key is kept under the message's path.
+    """
+    kept: dict[str, dict[str, Any]] = {}
+    folded = 0
+    for i, m in enumerate(messages):
+        extra = m.__pydantic_extra__
+        if not extra:
+            continue
+        extra = dict(extra)
+        reasoning = next((extra[k] for k in REASONING_FIELDS if isinstance(extra.get(k), str)), None)
+        if reasoning is not None and turns[i].role == "assistant":
+            for key in REASONING_FIELDS:
+                if extra.get(key) == reasoning:
+                    del extra[key]
+            if reasoning:
+                turns[i] = turns[i]._replace(content=fold_reasoning(reasoning, turns[i].content))
+                folded += 1
+        if extra:
+            kept[f"{prefix}[{i}]"] = extra
+    if kept:
+        meta["message_fields"] = kept
+    if folded:
+        meta["reasoning_folded"] = folded
+
+
 def sharegpt_turns(r: ShareGPTRecord) -> Draft:
     """ShareGPT: role aliases mapped (tool call -> assistant, tool result -> user); tool roles kept in meta.
 
@@ -135,11 +175,13 @@ def sharegpt_turns(r: ShareGPTRecord) -> Draft:
     >>> [t.role for t in d.turns], d.meta["original_roles"][1]
     (['user', 'assistant', 'user', 'assistant'], 'function_call')
     """
-    turns = [Turn("system", r.system, "system")] if r.system else []
-    turns += [Turn(unified_role(m.from_), m.value, f"conversations[{i}]") for i, m in enumerate(r.conversations)]
+    turns = [Turn(unified_role(m.from_), m.value, f"conversations[{i}]") for i, m in enumerate(r.conversations)]
     meta = _extras(r)
+    _message_fields(turns, r.conversations, "conversations", meta)
     if any(m.from_.lower() in TOOL_ROLES for m in r.conversations):
         meta["original_roles"] = [m.from_ for m in r.conversations]
+    if r.system:
+        turns.insert(0, Turn("system", r.system, "system"))
     return Draft(turns, meta)
 
 
@@ -166,6 +208,7 @@ def openai_turns(r: OpenAIRecord) -> Draft:
         train = bool(m.weight) if m.weight is not None and role == "assistant" else None
         turns.append(Turn(role, content, f"messages[{i}]", train))
     meta = _extras(r)
+    _message_fields(turns, r.messages, "messages", meta)
     if tools:
         meta["original_roles"] = [m.role for m in r.messages]
     return Draft(turns, meta)
@@ -475,6 +518,8 @@ def _tally(results: list[Accepted | Reject], counts: Counts, seen: set[str] | No
                 counts.events["merged_turns"] += r.merged  # type: ignore[union-attr]
             if r.trimmed:  # type: ignore[union-attr]
                 counts.events["trimmed_trailing_user"] += 1
+            if "reasoning_folded" in r.meta:  # type: ignore[union-attr]
+                counts.events["reasoning_folded"] += r.meta["reasoning_folded"]  # type: ignore[union-attr]
         else:
             counts.rejected[r.reason] += 1  # type: ignore[union-attr]
         kept.append(r)

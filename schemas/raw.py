@@ -1,8 +1,10 @@
 """Raw input formats: one frozen Pydantic model per format, validated at Rust speed.
 
 Each model accepts what real datasets contain; top-level keys a model does not name are kept
-(`extra="allow"`) and end up in the unified record's `meta`, so nothing is lost. Keys inside a
-message other than those named here are ignored. The TypeAdapters are built once, here.
+(`extra="allow"`) and end up in the unified record's `meta`, so nothing is lost; so do unknown keys
+inside a ShareGPT or OpenAI message (`meta["message_fields"]`), except an assistant's reasoning
+(`reasoning_content`, `thinking`, `reasoning`), which is folded into its reply. The TypeAdapters are
+built once, here.
 
 Formats and the keys that identify them (see `detect` in prep/validate.py):
 
@@ -74,6 +76,7 @@ FIELD_ALIASES: dict[str, tuple[str, ...]] = {
 
 _RECORD = ConfigDict(frozen=True, extra="allow")
 _ITEM = ConfigDict(frozen=True, extra="ignore")
+_MESSAGE = ConfigDict(frozen=True, extra="allow")  # a message's unknown keys are kept, like a record's
 
 
 class AlpacaRecord(BaseModel):
@@ -97,7 +100,7 @@ class AlpacaRecord(BaseModel):
 class ShareGPTTurn(BaseModel):
     """One ShareGPT message: `from` (a role alias) and `value`."""
 
-    model_config = _ITEM
+    model_config = _MESSAGE
 
     from_: str = Field(validation_alias=AliasChoices("from", "role"), pattern=role_pattern(SHAREGPT_ROLES))
     value: str = Field(validation_alias=AliasChoices("value", "content"))
@@ -128,7 +131,7 @@ class ContentPart(BaseModel):
 class OpenAIMessage(BaseModel):
     """One OpenAI chat message; assistant tool calls may come without content."""
 
-    model_config = _ITEM
+    model_config = _MESSAGE
 
     role: str = Field(pattern=role_pattern(OPENAI_ROLES))
     content: str | list[ContentPart] | None = None

@@ -21,6 +21,7 @@ from prep.convert import (
     convert_files,
     convert_record,
     default_rejects_path,
+    fold_reasoning,
     iter_conversations,
     normalize_turns,
     parse_transcript,
@@ -115,6 +116,28 @@ def test_openai_developer_role_content_parts_and_weights() -> None:
     assert pairs(c) == [("system", "Answer in French."), ("user", "Hello, how?"), ("assistant", "Bonjur."),
                         ("user", "Again?"), ("assistant", "Bonjour.")]
     assert [m.train for m in c.messages] == [None, None, False, None, True]
+
+
+def test_message_level_keys_are_kept_and_reasoning_is_folded_into_the_reply(tmp: Path) -> None:
+    row = {"messages": [{"role": "user", "content": "2+2?", "name": "ana"},
+                        {"role": "assistant", "content": "4", "reasoning_content": "Two plus two is four."},
+                        {"role": "user", "content": "And 3+3?", "reasoning": "not an assistant: kept"},
+                        {"role": "assistant", "content": "6", "thinking": "", "refusal": None}]}
+    c = convert_one("openai", row)
+    assert pairs(c)[1] == ("assistant", "<think>\nTwo plus two is four.\n</think>\n\n4")
+    assert pairs(c)[3] == ("assistant", "6")  # empty reasoning: nothing to fold
+    assert c.meta == {"message_fields": {"messages[0]": {"name": "ana"},
+                                         "messages[2]": {"reasoning": "not an assistant: kept"},
+                                         "messages[3]": {"refusal": None}},
+                      "reasoning_folded": 1}
+    sharegpt = convert_one("sharegpt", {"system": "S", "conversations": [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "thinking": "t", "weight": 1}]})
+    assert pairs(sharegpt) == [("system", "S"), ("user", "q"), ("assistant", fold_reasoning("t", "a"))]
+    assert sharegpt.meta == {"message_fields": {"conversations[1]": {"weight": 1}}, "reasoning_folded": 1}
+    path = tmp / "r.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    report = run([path], tmp / "out.jsonl")
+    assert report.total.events["reasoning_folded"] == 2
 
 
 def test_openai_weight_other_than_0_or_1_is_a_reject() -> None:

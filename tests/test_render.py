@@ -186,6 +186,25 @@ def test_chat_template_that_rewrites_content_is_a_failure():
         render(ALPACA_554, upper, tok)
 
 
+def test_chat_template_that_drops_earlier_reasoning_rejects_only_multi_reply_conversations():
+    from prep.convert import fold_reasoning
+    from prep.tokenizer import default_tokenizer
+
+    tok = default_tokenizer()
+    drops_history_thinking = Template(  # what Qwen3's template does to replies before the last one
+        name="tokenizer",
+        chat_template="{% for m in messages %}{% set c = m.content %}"
+        "{% if m.role == 'assistant' and not loop.last and '</think>' in c %}"
+        "{% set c = c.split('</think>')[-1].lstrip('\\n') %}{% endif %}"
+        "<|im_start|>{{ m.role }}\n{{ c }}<|im_end|>\n{% endfor %}",
+    )
+    one = [Message(role="user", content="2+2?"), Message(role="assistant", content=fold_reasoning("2 and 2.", "4"))]
+    two = one + [Message(role="user", content="3+3?"), Message(role="assistant", content=fold_reasoning("3+3.", "6"))]
+    single, multi = render_batch([one, two], drops_history_thinking, tok)
+    assert not isinstance(single, RenderFailure) and "<think>" in single.text
+    assert isinstance(multi, RenderFailure) and multi.reason == "template_mismatch"
+
+
 def test_chat_template_that_raises_is_a_failure_for_that_conversation_only():
     from prep.tokenizer import default_tokenizer
 
