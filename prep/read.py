@@ -1,7 +1,7 @@
 """Read input files into batches of raw rows: no checks beyond "can the bytes be read".
 
 Supported inputs: `.jsonl` / `.ndjson` (one JSON value per line), `.json` (an array, or an object
-holding one list), gzip of any of these (`.gz`), `.parquet`, `.csv`, and a folder written by
+holding one list), `.csv`, each optionally compressed (`.gz`, `.zst`, `.bz2`, `.xz`), `.parquet`, and a folder written by
 `datasets.Dataset.save_to_disk`. Several paths and globs are expanded and sorted, so the same
 arguments always read the same rows in the same order.
 
@@ -14,11 +14,13 @@ Line numbers: 1-based file lines for JSON Lines, 0-based row indices for everyth
 
 from __future__ import annotations
 
+import bz2
 import csv
 import glob
 import gzip
 import io
 import json
+import lzma
 import os
 import zlib
 from collections.abc import Iterable, Iterator
@@ -31,9 +33,12 @@ import pydantic_core
 from prep.errors import InputError
 
 BATCH_SIZE = 2048
-SUPPORTED = ".jsonl, .ndjson, .json, .csv (each optionally .gz), .parquet, or a datasets.save_to_disk folder"
+SUPPORTED = (".jsonl, .ndjson, .json, .csv (each optionally .gz, .zst, .bz2 or .xz), .parquet, "
+             "or a datasets.save_to_disk folder")
+CODECS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".xz": "xz"}  # compressed-file suffix -> codec
 _BOM = b"\xef\xbb\xbf"
-_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+# What a damaged compressed stream raises (bz2 and pyarrow's zstd raise OSError, handled with the read errors).
+_DECOMPRESS_ERRORS = (EOFError, zlib.error, lzma.LZMAError)
 
 
 class RawRow(NamedTuple):
@@ -97,11 +102,14 @@ def input_kind(path: str) -> str:
             raise InputError(f"folder is not a datasets.save_to_disk folder (no state.json); expected {SUPPORTED}",
                              path=path)
         return "saved"
-    name = path.lower().removesuffix(".gz")
+    codec = compression(path)
+    name = path.lower()
+    if codec:
+        name = name[: name.rindex(".")]
     for suffix, kind in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".csv", "csv")):
         if name.endswith(suffix):
             return kind
-    if name.endswith(".parquet") and not path.lower().endswith(".gz"):
+    if name.endswith(".parquet") and not codec:
         return "parquet"
     raise InputError(f"unsupported file type; expected {SUPPORTED}", path=path)
 
@@ -138,20 +146,50 @@ def read_rows(paths: Iterable[str | os.PathLike[str]], batch_size: int = BATCH_S
                 yield RawRow(batch.path, line, payload)
 
 
+def compression(path: str) -> str | None:
+    """The codec of a compressed file from its suffix (`gzip`, `zstd`, `bz2`, `xz`), or None.
+
+    >>> compression("data/train.jsonl.zst"), compression("data/train.jsonl")
+    ('zstd', None)
+    """
+    return CODECS.get(os.path.splitext(path.lower())[1])
+
+
 @contextmanager
 def _open_bytes(path: str) -> Iterator[tuple[IO[bytes], IO[bytes]]]:
-    """Open a file for binary reading, gunzipping `.gz`; yields (stream, raw file for tell())."""
+    """Open a file for binary reading, decompressing by suffix; yields (stream, raw file for tell())."""
     try:
         raw = open(path, "rb")  # noqa: SIM115  # closed by the `with raw` below
     except OSError as e:
         raise InputError(f"cannot open: {e.strerror}", path=path) from None
     with raw:
-        if path.lower().endswith(".gz"):
-            # BufferedReader: GzipFile's own line iteration is several times slower.
-            with io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), 1 << 20) as stream:
-                yield stream, raw
-        else:
+        codec = compression(path)
+        if codec is None:
             yield raw, raw
+            return
+        # BufferedReader: the decompressors' own line iteration is several times slower.
+        with io.BufferedReader(_decompressor(codec, raw), 1 << 20) as stream:
+            yield stream, raw
+
+
+def _decompressor(codec: str, raw: IO[bytes]) -> Any:
+    """A readable decompressing stream over the open file `raw`."""
+    if codec == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if codec == "bz2":
+        return bz2.BZ2File(raw, mode="rb")
+    if codec == "xz":
+        return lzma.LZMAFile(raw, mode="rb")
+    import pyarrow as pa  # zstd: pyarrow's codec, no extra dependency
+
+    return pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), "zstd")
+
+
+def _read_failed(path: str, where: str, error: Exception) -> InputError:
+    """The error for a read that broke off: corrupt compressed data, or an I/O error."""
+    codec = compression(path)
+    what = f"corrupt or truncated {codec}" if codec else "read failed"
+    return InputError(f"{what} {where}({error})", path=path)
 
 
 def _jsonl_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
@@ -172,10 +210,8 @@ def _jsonl_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
                 if len(payloads) == batch_size:
                     yield RawBatch(path, lines, payloads, raw.tell() / size)
                     lines, payloads = [], []
-        except _GZIP_ERRORS as e:
-            raise InputError(f"corrupt or truncated gzip after line {number} ({e})", path=path) from None
-        except OSError as e:
-            raise InputError(f"read failed after line {number} ({e})", path=path) from None
+        except (*_DECOMPRESS_ERRORS, OSError) as e:
+            raise _read_failed(path, f"after line {number} ", e) from None
         if payloads:
             yield RawBatch(path, lines, payloads, 1.0)
 
@@ -185,8 +221,8 @@ def _json_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
     with _open_bytes(path) as (stream, _):
         try:
             data = stream.read()
-        except _GZIP_ERRORS as e:
-            raise InputError(f"corrupt or truncated gzip ({e})", path=path) from None
+        except (*_DECOMPRESS_ERRORS, OSError) as e:
+            raise _read_failed(path, "", e) from None
     if data.startswith(_BOM):
         data = data[len(_BOM):]
     try:
@@ -247,8 +283,8 @@ def _csv_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
                              path=path) from None
         except csv.Error as e:
             raise InputError(f"malformed CSV after row {index} ({e})", path=path) from None
-        except _GZIP_ERRORS as e:
-            raise InputError(f"corrupt or truncated gzip after row {index} ({e})", path=path) from None
+        except (*_DECOMPRESS_ERRORS, OSError) as e:
+            raise _read_failed(path, f"after row {index} ", e) from None
         if rows:
             yield RawBatch(path, lines, rows, 1.0)
 

@@ -85,6 +85,45 @@ def test_truncated_gzip_is_one_clear_error(tmp: Path) -> None:
         list(read_rows([path]))
 
 
+def _compress(codec: str, data: bytes) -> bytes:
+    import bz2
+    import lzma
+
+    if codec == "zst":
+        return _zstd(data)
+    return {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[codec](data)
+
+
+def _zstd(data: bytes) -> bytes:
+    import pyarrow as pa
+
+    buffer = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(buffer, "zstd") as out:
+        out.write(data)
+    return buffer.getvalue().to_pybytes()
+
+
+@pytest.mark.parametrize("codec", ["gz", "zst", "bz2", "xz"])
+def test_compressed_jsonl_json_and_csv_read_like_the_plain_files(tmp: Path, codec: str) -> None:
+    lines = b"".join(b'{"instruction": "q%d", "output": "a"}\n' % i for i in range(3000))
+    array = json.dumps([{"instruction": "q", "output": "a"}] * 3).encode()
+    table = b"instruction,output\nq,a\nr,b\n"
+    for name, data in (("a.jsonl", lines), ("b.json", array), ("c.csv", table)):
+        (tmp / name).write_bytes(data)
+        (tmp / f"{name}.{codec}").write_bytes(_compress(codec, data))
+        plain = [(r.line, r.payload) for r in read_rows([tmp / name])]
+        assert [(r.line, r.payload) for r in read_rows([tmp / f"{name}.{codec}"])] == plain
+
+
+@pytest.mark.parametrize("codec, name", [("zst", "zstd"), ("bz2", "bz2"), ("xz", "xz")])
+def test_truncated_compressed_files_are_one_clear_error(tmp: Path, codec: str, name: str) -> None:
+    data = _compress(codec, b"".join(b'{"instruction": "q%d", "output": "a"}\n' % i for i in range(20000)))
+    path = tmp / f"cut.jsonl.{codec}"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=rf"cut.jsonl.{codec}: corrupt or truncated {name} after line \d+"):
+        list(read_rows([path]))
+
+
 # --- JSON -------------------------------------------------------------------------------------
 
 
