@@ -253,6 +253,17 @@ def test_mfu_with_a_given_peak_counts_attention_per_example(shards_dir, tmp_path
     assert m["mfu"] == pytest.approx(flops.step(m["tokens"], squared) / m["step_time_s"] / 0.5e12, rel=1e-9)
 
 
+def test_bf16_autocast_trains_close_to_fp32_with_fp32_weights(shards_dir, tmp_path):
+    """The GPU default (bf16 autocast, fp32 master weights, fp32 loss), run through CPU autocast."""
+    run = dict(shards=str(shards_dir), max_steps=5, **FAST)
+    fp32 = train_model(TrainConfig(out_dir=str(tmp_path / "fp32"), precision="fp32", **run))
+    bf16 = train_model(TrainConfig(out_dir=str(tmp_path / "bf16"), precision="bf16", **run))
+    losses = [m["loss"] for m in read_metrics(tmp_path / "bf16")]
+    assert losses[-1] < losses[0] and bf16["loss"] == pytest.approx(fp32["loss"], rel=1e-2)
+    weights = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values())
+
+
 def test_get_lr_warmup_then_cosine():
     config = TrainConfig(lr=1.0, warmup_ratio=0.1, min_lr_ratio=0.1)
     lrs = [get_lr(s, 100, config) for s in range(100)]
