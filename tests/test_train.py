@@ -314,6 +314,7 @@ def test_parse_args_maps_every_flag_onto_a_field():
     "variant",
     [
         dict(gradient_checkpointing=True),
+        dict(compile=True),
         dict(attn_implementation="eager"),
         pytest.param(
             dict(attn_implementation="flex_attention", device="cuda"),
@@ -321,7 +322,7 @@ def test_parse_args_maps_every_flag_onto_a_field():
         ),
     ],
 )
-def test_checkpointing_and_other_attention_paths_train_like_the_default(shards_dir, tmp_path, variant):
+def test_checkpointing_compile_and_other_attention_paths_train_like_the_default(shards_dir, tmp_path, variant):
     run = dict(shards=str(shards_dir), max_steps=3, precision="fp32", **FAST)  # the same numerics on a GPU too
     train_model(TrainConfig(out_dir=str(tmp_path / "base"), **run))
     train_model(TrainConfig(out_dir=str(tmp_path / "variant"), **run, **variant))
