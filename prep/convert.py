@@ -37,7 +37,15 @@ from prep.report import Counts, Report
 from prep.sink import JsonlSink, ParquetSink, check_outputs
 from prep.validate import STAGE, ValidatedBatch, raw_text, validate_file
 from schemas.config import ConvertConfig
-from schemas.conversation import Conversation, Message, SourceRef, content_hash, conversation_problems
+from schemas.conversation import (
+    REASONING_CLOSE,
+    REASONING_OPEN,
+    Conversation,
+    Message,
+    SourceRef,
+    content_hash,
+    conversation_problems,
+)
 from schemas.raw import (
     TOOL_ROLES,
     AlpacaRecord,
@@ -135,7 +143,7 @@ def fold_reasoning(reasoning: str, content: str) -> str:
     >>> fold_reasoning("2+2 is 4.", "4")
     '<think>\\n2+2 is 4.\\n</think>\\n\\n4'
     """
-    return f"<think>\n{reasoning}\n</think>\n\n{content}"
+    return f"{REASONING_OPEN}{reasoning}{REASONING_CLOSE}{content}"
 
 
 def _message_fields(turns: list[Turn], messages: list[Any], prefix: str, meta: dict[str, Any]) -> None:

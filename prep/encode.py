@@ -64,6 +64,7 @@ COUNT_KEYS = (
     "dropped",
     "rejected",
     "template_dropped_message",
+    "template_dropped_reasoning",
 )
 
 
@@ -77,7 +78,8 @@ class EncodeResult:
         counts: conversations (in), examples (written), tokens, trained_tokens, split (extra examples
             made by splitting), split_conversations, truncated, dropped (too long under the overflow
             policy), rejected (failed a check), template_dropped_message (messages a chat template did
-            not render). Invariant: conversations + split == examples + dropped + rejected.
+            not render), template_dropped_reasoning (replies whose folded reasoning a chat template left
+            out). Invariant: conversations + split == examples + dropped + rejected.
         rejected: rejected examples by reason (drops are `counts["dropped"]`, reason `too_long`).
         rejects: one Reject (stage "pack") per dropped or rejected example.
     """
@@ -310,6 +312,7 @@ class Encoder:
         if not items:
             return
         counts["template_dropped_message"] += sum(len(it.rendered.dropped) for it in items)
+        counts["template_dropped_reasoning"] += sum(len(it.rendered.reasoning_dropped) for it in items)
         id_lists = [it.enc.ids[: self.max_len] if it.truncated else it.enc.ids for it in items]
         lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(items))
         starts = np.concatenate(([0], np.cumsum(lengths)))

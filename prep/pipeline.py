@@ -719,6 +719,7 @@ def _manifest_extra(run: _Run, report: PackReport, split: str, fingerprint: str)
             "truncated": c["truncated"],
             "dropped": c["dropped"],
             "template_dropped_message": c["template_dropped_message"],
+            "template_dropped_reasoning": c["template_dropped_reasoning"],
             "rejected": dict(sorted((inputs.rejected + rejected).items())),
         },
     }

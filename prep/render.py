@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from prep.errors import ConfigError
-from schemas.conversation import Conversation, Message
+from schemas.conversation import REASONING_CLOSE, REASONING_OPEN, Conversation, Message, split_reasoning
 
 TEMPLATE_NAMES = ("markers", "chatml", "tokenizer")
 TEMPLATE_DATE = datetime(2024, 7, 26)  # what `strftime_now` in a chat template reads (fixed: same output every day)
 _PLACEHOLDER_BASE = 0xF0000  # Supplementary Private Use Area-A: one code point per message
+_REASONING_BASE = 0x100000  # Supplementary Private Use Area-B: one per message's folded reasoning
 
 
 @dataclass(frozen=True)
@@ -151,12 +152,14 @@ class Span(NamedTuple):
 
 
 class Rendered(NamedTuple):
-    """A rendered conversation: the text, one `Span` per rendered message (in order), and the indices
-    of messages the template did not render at all (`dropped`)."""
+    """A rendered conversation: the text, one `Span` per rendered message (in order), the indices
+    of messages the template did not render at all (`dropped`), and of replies whose folded reasoning
+    the template left out, rendering only the reply after it (`reasoning_dropped`)."""
 
     text: str
     spans: tuple[Span, ...]
     dropped: tuple[int, ...] = ()
+    reasoning_dropped: tuple[int, ...] = ()
 
 
 class RenderFailure(NamedTuple):
@@ -446,7 +449,9 @@ def _render_chat_batch(
     Each message content is replaced by one private-use character; the placeholders are found in
     order, the literal text between them is kept, and the real contents are substituted back, so
     the spans are known. The result must equal a normal render of the real messages; a template
-    that trims content is matched by trying the stripped content (see `_splice`).
+    that trims content is matched by trying the stripped content (see `_splice`). A reply with folded
+    reasoning (`<think>` form) gets a second placeholder for its reasoning, in the same form, so that
+    templates which split it off (Qwen3's) render their own layout, or drop it from earlier turns.
     """
     real = _apply_chat_template(tokenizer, template, [_as_dicts(m) for m in batch])
     env_key = repr(sorted(tokenizer.special_tokens_map.items()))  # what the template sees besides messages
@@ -455,7 +460,8 @@ def _render_chat_batch(
         if isinstance(text, RenderFailure):
             out.append(text)
             continue
-        literals = _placeholder_literals(tokenizer, template, tuple(m.role for m in messages), env_key)
+        shapes = tuple((m.role, m.role == "assistant" and split_reasoning(m.content) is not None) for m in messages)
+        literals = _placeholder_literals(tokenizer, template, shapes, env_key)
         if isinstance(literals, RenderFailure):
             out.append(literals)
             continue
@@ -517,64 +523,92 @@ def _apply_chat_template_batch(tokenizer: Any, template: Template, batch: list[l
     return out
 
 
-_LITERALS_CACHE: dict[tuple[str, str, tuple[str, ...]], Any] = {}
+_LITERALS_CACHE: dict[tuple[str, str, tuple[tuple[str, bool], ...]], Any] = {}
+PlaceholderRender = tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]
 
 
 def _placeholder_literals(
-    tokenizer: Any, template: Template, roles: tuple[str, ...], env_key: str
-) -> tuple[tuple[str, ...], tuple[int, ...]] | RenderFailure:
-    """Render placeholders for these roles; return (literal texts around them, rendered message indices).
+    tokenizer: Any, template: Template, shapes: tuple[tuple[str, bool], ...], env_key: str
+) -> PlaceholderRender | RenderFailure:
+    """Render placeholders for these (role, has folded reasoning) messages; return the literal texts around
+    them, the rendered message indices, and the replies rendered without their reasoning.
 
     `literals[k]` is the text before the k-th rendered message, `literals[-1]` the text after the last.
-    Cached per (template, special tokens, role sequence): the placeholders do not depend on the contents.
+    Cached per (template, special tokens, shapes): the placeholders do not depend on the contents.
     """
-    key = (template.chat_template or "", env_key, roles)
+    key = (template.chat_template or "", env_key, shapes)
     cached = _LITERALS_CACHE.get(key)
     if cached is not None:
         return cached
-    if len(roles) > 0xFFFD:
+    if len(shapes) > 0xFFFD:
         return RenderFailure("template_error", "messages", "too many messages for placeholders")
-    placeholders = [chr(_PLACEHOLDER_BASE + i) for i in range(len(roles))]
-    messages = [{"role": r, "content": p} for r, p in zip(roles, placeholders)]
+    placeholders = [chr(_PLACEHOLDER_BASE + i) for i in range(len(shapes))]
+    messages = [
+        {"role": role, "content": f"{REASONING_OPEN}{chr(_REASONING_BASE + i)}{REASONING_CLOSE}{p}" if folded else p}
+        for i, ((role, folded), p) in enumerate(zip(shapes, placeholders))
+    ]
     text = _apply_chat_template(tokenizer, template, [messages])[0]
     if isinstance(text, RenderFailure):
         return text
-    literals, rendered, pos = [], [], 0
+    literals, rendered, reply_only, pos = [], [], [], 0
     for i, placeholder in enumerate(placeholders):
         found = text.find(placeholder, pos)
         if found < 0:
             continue  # the template dropped this message (e.g. mistral's system prompt)
-        literals.append(text[pos:found])
+        start = found
+        if shapes[i][1]:
+            start = _reasoning_start(text, pos, found, i)
+            if start is None:
+                return RenderFailure("template_mismatch", f"messages[{i}].content", "the chat template rewrites "
+                                     "this reply's <think> block; its tokens cannot be located exactly")
+            if start == found:
+                reply_only.append(i)
+        literals.append(text[pos:start])
         rendered.append(i)
         pos = found + 1
     literals.append(text[pos:])
-    result = (tuple(literals), tuple(rendered))
+    result = (tuple(literals), tuple(rendered), tuple(reply_only))
     if len(_LITERALS_CACHE) > 4096:
         _LITERALS_CACHE.clear()
     _LITERALS_CACHE[key] = result
     return result
 
 
+def _reasoning_start(text: str, pos: int, found: int, index: int) -> int | None:
+    """Where message `index`'s folded content starts in a placeholder render: at its `<think>` when the
+    reasoning placeholder is rendered in the folded form, at the reply placeholder `found` when the template
+    left the reasoning out; None when it rendered the reasoning some other way."""
+    r = text.find(chr(_REASONING_BASE + index), pos, found)
+    if r < 0:
+        return found
+    start = r - len(REASONING_OPEN)
+    if start < pos or text[start:r] != REASONING_OPEN or text[r + 1 : found] != REASONING_CLOSE:
+        return None
+    return start
+
+
 def _splice(
     messages: Sequence[Message],
     text: str,
-    placeholder_render: tuple[tuple[str, ...], tuple[int, ...]],
+    placeholder_render: PlaceholderRender,
     special: re.Pattern[str] | None,
 ) -> Rendered | RenderFailure:
     """Walk the real render `text` along the placeholder literals, locating each message's content.
 
-    A content is matched as is, or stripped (both sides, left, right) for templates that `| trim` it.
+    A content is matched as is, or stripped (both sides, left, right) for templates that `| trim` it;
+    a reply whose reasoning the template left out is matched as the reply alone.
     The end of turn runs from the content to the end of the first special token in the literal text
     that follows it (before the next message).
     """
-    literals, rendered = placeholder_render
+    literals, rendered, reply_only = placeholder_render
     if not text.startswith(literals[0]):
         return _mismatch(0, messages)
     pos = len(literals[0])
     spans = []
     for k, i in enumerate(rendered):
         following = literals[k + 1]
-        content = _match_content(text, pos, messages[i].content, following)
+        expected = split_reasoning(messages[i].content)[1] if i in reply_only else messages[i].content  # type: ignore[index]
+        content = _match_content(text, pos, expected, following)
         if content is None:
             return _mismatch(i, messages)
         end = pos + len(content)
@@ -584,7 +618,7 @@ def _splice(
     if pos != len(text):
         return _mismatch(len(messages) - 1, messages)
     dropped = tuple(sorted(set(range(len(messages))) - set(rendered)))
-    return Rendered(text, tuple(spans), dropped)
+    return Rendered(text, tuple(spans), dropped, reply_only)
 
 
 def _match_content(text: str, pos: int, content: str, following: str) -> str | None:

@@ -94,6 +94,25 @@ def conversation_problems(messages: list[Message]) -> list[tuple[str, str, str]]
     return out
 
 
+# An assistant reply with its reasoning folded in front (DeepSeek-R1 / Qwen3 form): OPEN + reasoning + CLOSE + reply.
+REASONING_OPEN = "<think>\n"
+REASONING_CLOSE = "\n</think>\n\n"
+
+
+def split_reasoning(content: str) -> tuple[str, str] | None:
+    """(reasoning, reply) of a content in the folded `<think>` form, or None for any other content.
+
+    >>> split_reasoning("<think>\\n2 and 2.\\n</think>\\n\\n4"), split_reasoning("4")
+    (('2 and 2.', '4'), None)
+    """
+    if not content.startswith(REASONING_OPEN):
+        return None
+    end = content.find(REASONING_CLOSE, len(REASONING_OPEN))
+    if end < 0:
+        return None
+    return content[len(REASONING_OPEN) : end], content[end + len(REASONING_CLOSE) :]
+
+
 def content_hash(messages: list[Message]) -> str:
     """A stable 16-hex-digit hash of the roles and contents (used for ids and `--dedup`).
 

@@ -12,11 +12,12 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from prep.render import Template
 from schemas.conversation import Conversation, Message, SourceRef, conversation_problems
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = Path(os.environ.get("PREP_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 TOKENIZERS = DATA / "tokenizers"
 TOKENIZER_NAMES = ("gpt2-dialogpt-small", "mistral-7b-instruct-v0.3", "smollm2-135m", "qwen2-1.5b-instruct-boundless")
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -80,3 +81,29 @@ def tokenizer(name: str):
     from prep.tokenizer import default_tokenizer, load_tokenizer
 
     return default_tokenizer() if name == "default" else load_tokenizer(str(TOKENIZERS / name))
+
+
+# A template written like Qwen3's: it splits a reply's <think> block off, re-renders it for the last reply and
+# leaves it out of earlier ones (and writes an empty block before a last reply that has none).
+THINKING_TEMPLATE = Template(
+    name="tokenizer",
+    chat_template=(
+        "{%- for m in messages %}{%- if m.role == 'assistant' %}"
+        "{%- set c = m.content %}{%- set r = '' %}"
+        "{%- if '</think>' in c %}{%- set r = c.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+        "{%- set c = c.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+        "{%- if loop.last %}{{ '<|im_start|>assistant\\n<think>\\n' + r + '\\n</think>\\n\\n' + c + '<|im_end|>\\n' }}"
+        "{%- else %}{{ '<|im_start|>assistant\\n' + c + '<|im_end|>\\n' }}{%- endif %}"
+        "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    ),
+)
+
+
+def reasoning_conversations() -> tuple[list[Message], ...]:
+    """One reply with reasoning; two replies with reasoning; a reasoning reply, then a last reply without."""
+    from prep.convert import fold_reasoning
+
+    one = [Message(role="user", content="2+2?"), Message(role="assistant", content=fold_reasoning("2 and 2.", "4"))]
+    two = one + [Message(role="user", content="3+3?"), Message(role="assistant", content=fold_reasoning("3+3.", "6"))]
+    plain_last = one + [Message(role="user", content="Thanks"), Message(role="assistant", content="You're welcome.")]
+    return one, two, plain_last

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import pytest
 
-from _conv import TOKENIZER_NAMES, alpaca, kto, sharegpt, tokenizer, with_system
+from _conv import (
+    THINKING_TEMPLATE,
+    TOKENIZER_NAMES,
+    alpaca,
+    kto,
+    reasoning_conversations,
+    sharegpt,
+    tokenizer,
+    with_system,
+)
 from prep.encode import ENCODED_SCHEMA, IGNORE_INDEX, Encoder, trained_flags
 from prep.errors import ConfigError
 from prep.render import BUILTIN_TEMPLATES, Template, load_template, render
@@ -212,6 +221,17 @@ def test_message_train_overrides_the_policy():
     row = Encoder(tok, BUILTIN_TEMPLATES["chatml"], train_on="all").encode([conv]).table.to_pylist()[0]
     text = tok.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX])
     assert "A1" not in text and "Q2" in text and "A2" in text
+
+
+def test_reasoning_is_trained_where_a_chat_template_keeps_it_and_counted_where_it_drops_it():
+    tok = tokenizer("qwen2-1.5b-instruct-boundless")  # Qwen's chatml special tokens; the template is Qwen3-like
+    one, two, _ = reasoning_conversations()
+    res = Encoder(tok, THINKING_TEMPLATE, max_len=BIG).encode([Conversation(id="a", messages=one),
+                                                                Conversation(id="b", messages=two)])
+    first, second = res.table.to_pylist()
+    assert _decoded_runs(tok, first) == ["<think>\n2 and 2.\n</think>\n\n4<|im_end|>"]
+    assert _decoded_runs(tok, second) == ["4<|im_end|>", "<think>\n3+3.\n</think>\n\n6<|im_end|>"]
+    assert res.counts["template_dropped_reasoning"] == 1 and not res.rejected
 
 
 def test_system_prompt_is_not_trained_except_under_all():

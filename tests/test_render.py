@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from _conv import TOKENIZER_NAMES, alpaca, kto, sharegpt, tokenizer, with_system
+from _conv import (
+    THINKING_TEMPLATE,
+    TOKENIZER_NAMES,
+    alpaca,
+    kto,
+    reasoning_conversations,
+    sharegpt,
+    tokenizer,
+    with_system,
+)
 from prep.errors import ConfigError
 from prep.render import (
     BUILTIN_TEMPLATES,
@@ -186,23 +195,35 @@ def test_chat_template_that_rewrites_content_is_a_failure():
         render(ALPACA_554, upper, tok)
 
 
-def test_chat_template_that_drops_earlier_reasoning_rejects_only_multi_reply_conversations():
-    from prep.convert import fold_reasoning
+def test_templates_that_split_off_reasoning_render_it_where_they_keep_it_and_drop_it_where_they_do_not():
     from prep.tokenizer import default_tokenizer
 
     tok = default_tokenizer()
-    drops_history_thinking = Template(  # what Qwen3's template does to replies before the last one
-        name="tokenizer",
-        chat_template="{% for m in messages %}{% set c = m.content %}"
-        "{% if m.role == 'assistant' and not loop.last and '</think>' in c %}"
-        "{% set c = c.split('</think>')[-1].lstrip('\\n') %}{% endif %}"
-        "<|im_start|>{{ m.role }}\n{{ c }}<|im_end|>\n{% endfor %}",
-    )
-    one = [Message(role="user", content="2+2?"), Message(role="assistant", content=fold_reasoning("2 and 2.", "4"))]
-    two = one + [Message(role="user", content="3+3?"), Message(role="assistant", content=fold_reasoning("3+3.", "6"))]
-    single, multi = render_batch([one, two], drops_history_thinking, tok)
-    assert not isinstance(single, RenderFailure) and "<think>" in single.text
-    assert isinstance(multi, RenderFailure) and multi.reason == "template_mismatch"
+    conversations = reasoning_conversations()
+    out = render_batch(list(conversations), THINKING_TEMPLATE, tok)
+    for messages, r in zip(conversations, out):
+        assert not isinstance(r, RenderFailure)
+        assert r.text == tok.apply_chat_template(
+            [m.model_dump(exclude={"train"}) for m in messages], tokenize=False, chat_template=THINKING_TEMPLATE.chat_template
+        )
+    one, two, plain_last = out
+    spans = {r: [(s.message, r.text[s.start : s.stop]) for s in r.spans if s.message % 2] for r in out}
+    assert spans[one] == [(1, "<think>\n2 and 2.\n</think>\n\n4<|im_end|>")] and one.reasoning_dropped == ()
+    assert spans[two] == [(1, "4<|im_end|>"), (3, "<think>\n3+3.\n</think>\n\n6<|im_end|>")]
+    assert two.reasoning_dropped == (1,)  # the template keeps only the last reply's reasoning
+    assert spans[plain_last][1] == (3, "You're welcome.<|im_end|>")  # its empty <think> block is the prompt's
+    assert plain_last.reasoning_dropped == (1,)
+
+
+def test_a_template_that_rewrites_the_think_block_is_a_mismatch():
+    from prep.convert import fold_reasoning
+    from prep.tokenizer import default_tokenizer
+
+    rewrites = Template(name="tokenizer", chat_template="{%- for m in messages %}{{ m.content | replace('<think>', "
+                        "'<reasoning>') }}<|im_end|>{%- endfor %}")
+    messages = [Message(role="user", content="q"), Message(role="assistant", content=fold_reasoning("r", "a"))]
+    out = render_batch([messages], rewrites, default_tokenizer())[0]
+    assert isinstance(out, RenderFailure) and out.reason == "template_mismatch"
 
 
 def test_chat_template_that_raises_is_a_failure_for_that_conversation_only():
