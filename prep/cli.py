@@ -47,7 +47,7 @@ def convert(
     console.print(render_report(report))
     console.print(f"wrote {report.total.accepted:,} conversations to {report.outputs['conversations']}, "
                   f"{report.total.rejected_total:,} rejects to {report.outputs['rejects']}", highlight=False,
-                  soft_wrap=True)
+                  markup=False, soft_wrap=True)
     check_strict(config, report)
 
 
@@ -185,7 +185,7 @@ def stats(
     Console().print(render_stats(result, bins=bins))
     if plot:
         write_histogram(plot, *result.histogram(bins), title="tokens per example")
-        Console().print(f"wrote {plot}", highlight=False)
+        Console().print(f"wrote {plot}", highlight=False, markup=False)
 
 
 @app.command()

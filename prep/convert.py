@@ -696,7 +696,7 @@ class _ProgressBar:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+        self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(),
                                  TimeRemainingColumn(), console=Console(stderr=True), transient=True)
         self.tasks = {p: self.progress.add_task(os.path.basename(p), total=1.0) for p in self.paths}
         self.progress.start()

@@ -492,12 +492,25 @@ def render_pack_report(report: PackReport) -> Any:
         lines = [_split_line(split, report.split_manifests[split], report.output) for split in SPLITS]
         return Group(*notices, render_report(report.inputs), _sources_table(report.sources),
                      _examples_table(report.split_counts["train"], report.split_rejected["train"]),
-                     _marker_table(report.markers), *lines, *_not_written(report))
+                     _marker_table(report.markers), *lines, *_left_out(report.split_counts["train"]),
+                     *_not_written(report))
     lines = [_split_line(None, m, report.output)]
     if len(report.sources) > 1 or "mixture" in m:
         lines.insert(0, _sources_table(report.sources))
     return Group(*notices, render_report(report.inputs), _examples_table(report.counts, report.rejected),
-                 _marker_table(report.markers), *lines, *_not_written(report))
+                 _marker_table(report.markers), *lines, *_left_out(report.counts), *_not_written(report))
+
+
+def _left_out(c: Counter[str]) -> list[Any]:
+    """A yellow line when the chat template left messages or reasoning out of examples that were written."""
+    from rich.text import Text
+
+    parts = [f"{c[key]:,} {what} ({key})" for key, what in (("template_dropped_message", "message(s)"),
+                                                            ("template_dropped_reasoning", "reasoning block(s)"))
+             if c[key]]
+    if not parts:
+        return []
+    return [Text("left out by the chat template, in examples that were written: " + ", ".join(parts), style="yellow")]
 
 
 def _examples_table(c: Counter[str], rejected_by_reason: Counter[str]) -> Any:
@@ -516,13 +529,14 @@ def _examples_table(c: Counter[str], rejected_by_reason: Counter[str]) -> Any:
 def _sources_table(sources: list[dict[str, Any]]) -> Any:
     """One line per mixture source: counts before and after dedup, split and weighting."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="sources", title_justify="left")
     keys = ("accepted", "cross_source_duplicates", "validation", "train_before_weighting", "train")
     for name in ("source", "weight", "accepted", "cross-source dup", "validation", "train (before)", "train"):
         table.add_column(name, justify="left" if name == "source" else "right", overflow="fold")
     for s in sources:
-        table.add_row(s["name"], f"{s['weight']:g}", *(f"{s['counts'][k]:,}" for k in keys))
+        table.add_row(Text(s["name"]), f"{s['weight']:g}", *(f"{s['counts'][k]:,}" for k in keys))
     return table
 
 
@@ -552,12 +566,15 @@ def _not_written(report: PackReport) -> list[Any]:
 def _marker_table(markers: list[MarkerCheck]) -> Any:
     """How each template marker tokenizes with this tokenizer."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="template markers", title_justify="left")
     for name in ("marker", "tokens", "special", "changes when text touches it"):
         table.add_column(name)
     for m in markers:
-        table.add_row(m.marker, str(len(m.ids)), "yes" if m.special else "no", ", ".join(m.changed_in) or "no")
+        # Text, not str: markers such as Mistral's `[/INST]` are not rich markup
+        table.add_row(Text(m.marker), str(len(m.ids)), "yes" if m.special else "no",
+                      Text(", ".join(m.changed_in) or "no"))
     return table
 
 

@@ -119,11 +119,12 @@ def render_report(report: Report) -> Any:
     """
     from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     names = [r.name for r in report.rows]
     base = _common_folder(names)
     title = f"{report.title} (inputs under {base}/)" if base else report.title
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title), title_justify="left")
     table.add_column("input", overflow="fold")
     table.add_column("format", overflow="fold")
     for name in ("read", "accepted", "rejected", "dedup"):
@@ -140,7 +141,7 @@ def render_report(report: Report) -> Any:
     for name, row in zip(short, report.rows, strict=True):
         for what, counter in (("rejected", row.counts.rejected), ("changed", row.counts.events)):
             for reason, count in _by_count(counter):
-                details.add_row(name, what, reason, f"{count:,}")
+                details.add_row(Text(name), what, reason, f"{count:,}")
     return Group(table, details) if details.row_count else table
 
 
@@ -159,9 +160,11 @@ def _common_folder(paths: list[str]) -> str:
     return base if base and all(p.startswith(base + os.sep) for p in paths) else ""
 
 
-def _cells(name: str, kind: str, c: Counts) -> list[str]:
-    """One line of counts."""
-    return [name, kind, f"{c.read:,}", f"{c.accepted:,}", f"{c.rejected_total:,}", f"{c.deduplicated:,}"]
+def _cells(name: str, kind: str, c: Counts) -> list[Any]:
+    """One line of counts; the file name as plain text (a path may hold `[...]`, which rich reads as markup)."""
+    from rich.text import Text
+
+    return [Text(name), kind, f"{c.read:,}", f"{c.accepted:,}", f"{c.rejected_total:,}", f"{c.deduplicated:,}"]
 
 
 def _by_count(counter: Counter[str]) -> list[tuple[str, int]]:

@@ -19,6 +19,21 @@ def prep(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"})
 
 
+def test_paths_and_markers_with_square_brackets_print_as_they_are(tmp: Path) -> None:
+    """rich reads `[...]` as markup: file names like `[2024]` and markers like Mistral's `[/INST]` must not be."""
+    folder = tmp / "[2024] chats [bold]"
+    folder.mkdir()
+    (folder / "a[1].jsonl").write_bytes(Path(REPO / "examples" / "sharegpt.jsonl").read_bytes())
+    out = folder / "out[x].jsonl"
+    result = prep("convert", str(folder / "a[1].jsonl"), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "a[1].jsonl" in result.stdout and f"conversations to {out}," in result.stdout
+    tokenizer = REPO.parent / "shared" / "data" / "tokenizers" / "mistral-7b-instruct-v0.3"
+    packed = prep("pack", str(out), "-o", str(folder / "shards"), "--tokenizer", str(tokenizer), "--template", "tokenizer")
+    assert packed.returncode == 0, packed.stderr
+    assert "[/INST]" in packed.stdout and "[INST]" in packed.stdout
+
+
 def test_convert_writes_outputs_and_prints_the_summary(tmp: Path) -> None:
     out = tmp / "chat.jsonl"
     result = prep("convert", "examples/sharegpt.jsonl", "examples/alpaca.json", "-o", str(out))

@@ -50,3 +50,19 @@ def test_a_tokenizer_shipped_only_as_a_sentencepiece_model_packs_and_verifies(in
     assert report.rejected == official.rejected  # the same records (one real `###` marker in a reply)
     assert report.manifest["tokenizer"]["bos_token_id"] == 1
     assert verify_shards(tmp_path / "out").ok
+
+
+def test_messages_a_chat_template_leaves_out_are_counted_and_shown(shared_data, tmp_path):
+    from rich.console import Console
+
+    from prep.pipeline import render_pack_report
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    report = pack_shards(PackConfig(inputs=[str(examples / "openai.jsonl")], output=str(tmp_path / "out"),
+                                    tokenizer=str(shared_data / "tokenizers" / "mistral-7b-instruct-v0.3"),
+                                    template="tokenizer", max_len=1024))
+    dropped = report.manifest["counts"]["template_dropped_message"]
+    assert dropped > 0  # Mistral's template drops system prompts
+    console = Console(record=True, width=200)
+    console.print(render_pack_report(report))
+    assert f"left out by the chat template, in examples that were written: {dropped:,} message(s)" in console.export_text()
