@@ -169,6 +169,7 @@ def build_model(config: TrainConfig, shards: Shards, device: torch.device):
     torch.manual_seed(config.seed)
     kwargs = {"attn_implementation": attn, "dtype": torch.float32}
     if config.model:
+        check_same_tokenizer(config.model, tokenizer, config.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(config.model, trust_remote_code=config.trust_remote_code, **kwargs)
     else:
         tok = shards.manifest["tokenizer"]
@@ -187,6 +188,29 @@ def build_model(config: TrainConfig, shards: Shards, device: torch.device):
     if config.gradient_checkpointing:  # renamed activation_checkpointing_enable in transformers 5.x
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     return model.to(device), tokenizer
+
+
+def check_same_tokenizer(model_name: str, shards_tokenizer, trust_remote_code: bool = False) -> None:
+    """Refuse shards packed with another tokenizer than the model's own: their ids would mean other tokens.
+
+    Every token of the model's tokenizer must have the same id in the shards' tokenizer (which may add tokens,
+    e.g. markers from `--add-special-tokens`). A model that ships no tokenizer is not checked.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        model_tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+    except Exception:  # OSError, ValueError...: the model has no (readable) tokenizer of its own
+        return
+    shard_vocab = shards_tokenizer.get_vocab()
+    different = [t for t, i in model_tokenizer.get_vocab().items() if shard_vocab.get(t) != i]
+    if different:
+        raise ConfigError(
+            f"--model {model_name}: the shards were packed with another tokenizer "
+            f"({getattr(shards_tokenizer, 'name_or_path', '?')!r}; {len(different):,} of the model's "
+            f"{len(model_tokenizer):,} tokens have other ids there, e.g. {different[0]!r}); pack again with "
+            f"--tokenizer {model_name}"
+        )
 
 
 def check_packed_attention(model) -> PackedAttention:

@@ -199,6 +199,23 @@ def test_a_model_with_full_and_sliding_window_layers_trains_with_one_mask_per_la
     assert masks and all(set(m) == {"full_attention", "sliding_attention"} for m in masks)
 
 
+def test_a_model_whose_tokenizer_differs_from_the_shards_is_refused(shards_dir, tmp_path):
+    from _shards import load_tokenizer
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    load_tokenizer("smollm2-135m").save_pretrained(base)  # the model's own tokenizer; the shards use bytes
+    run = TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path / "out"), model=str(base), max_steps=1, **FAST)
+    with pytest.raises(ConfigError, match=r"packed with another tokenizer .* pack again with --tokenizer"):
+        train_model(run)
+    # smollm2 plus two marker tokens: every model token keeps its id, so the check passes (and embeddings grow)
+    matching = build_shards(tmp_path / "smol", n_examples=16, max_len=256, num_shards=1, markers=True)
+    assert train_model(TrainConfig(**{**vars(run), "shards": str(matching), "overwrite": True}))["step"] == 1
+
+
 def test_epochs_mode_runs_whole_accumulation_windows(shards_dir, tmp_path):
     small = build_shards(tmp_path / "shards", n_examples=40, max_len=512, num_shards=1, tokenizer_name="bytes")
     final = train_model(
