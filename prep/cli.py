@@ -216,7 +216,9 @@ def train(
     out_dir: Annotated[str, typer.Option("--out-dir", "-o", help="Checkpoints, metrics.jsonl and the final model.")] = "out",
     model: Annotated[str, typer.Option(help="Local folder or hub id; empty = random init from --model-config.")] = "",
     model_config: Annotated[str, typer.Option("--model-config", help="Built-in config for random init: tiny|small|0.5b.")] = "tiny",
-    attn_implementation: Annotated[str, typer.Option("--attn-implementation", help="auto|sdpa|eager|flex_attention|flash_attention_2|flash_attention_3 (auto: flash_attention_2 if installed on CUDA, else sdpa).")] = "auto",
+    attn_implementation: Annotated[str, typer.Option("--attn-implementation", help="auto|sdpa|eager|flex_attention|"
+                                   "flash_attention_2|flash_attention_3 (auto: flash_attention_2 if installed on CUDA, "
+                                   "else sdpa).")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Packed rows per micro-batch per process.")] = 8,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
     max_steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps; 0 = as many as --epochs takes.")] = 0,

@@ -1,8 +1,8 @@
 """Read input files into batches of raw rows: no checks beyond "can the bytes be read".
 
 Supported inputs: `.jsonl` / `.ndjson` (one JSON value per line), `.json` (an array, or an object
-holding one list), `.csv`, each optionally compressed (`.gz`, `.zst`, `.bz2`, `.xz`), `.parquet`, and a folder written by
-`datasets.Dataset.save_to_disk`. Several paths and globs are expanded and sorted, so the same
+holding one list), `.csv`, each optionally compressed (`.gz`, `.zst`, `.bz2`, `.xz`), `.parquet`, and a
+folder written by `datasets.Dataset.save_to_disk`. Several paths and globs are expanded and sorted, so the same
 arguments always read the same rows in the same order.
 
 JSON Lines payloads stay `bytes` (validated later straight from the bytes); the other formats give

@@ -607,11 +607,12 @@ def _splice(
     spans = []
     for k, i in enumerate(rendered):
         following = literals[k + 1]
-        expected = split_reasoning(messages[i].content)[1] if i in reply_only else messages[i].content  # type: ignore[index]
-        content = _match_content(text, pos, expected, following)
-        if content is None:
+        content = messages[i].content
+        expected = split_reasoning(content)[1] if i in reply_only else content  # type: ignore[index]
+        matched = _match_content(text, pos, expected, following)
+        if matched is None:
             return _mismatch(i, messages)
-        end = pos + len(content)
+        end = pos + len(matched)
         match = special.search(following) if special is not None else None
         spans.append(Span(i, pos, end, end + match.end() if match else end))
         pos = end + len(following)

@@ -213,6 +213,26 @@ def check_same_tokenizer(model_name: str, shards_tokenizer, trust_remote_code: b
         )
 
 
+def warn_if_longer_than_context(model, shards: Shards) -> None:
+    """Say so on stderr when an example is longer than the model's `max_position_embeddings`.
+
+    Positions restart at every packed example, so the longest example, not the row length, is what counts.
+    """
+    import pyarrow.compute as pc
+
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not context or shards.num_rows == 0:
+        return
+    longest = pc.max(pc.list_flatten(shards.table.column("seq_lengths"))).as_py() or 0
+    if longest > context:
+        print(
+            f"warning: the longest example has {longest:,} tokens, more than the model's max_position_embeddings "
+            f"({context:,}): positions past it were never trained (and are out of range for learned position "
+            "embeddings); pack with a smaller --max-len or use a model with a longer context",
+            file=sys.stderr,
+        )
+
+
 def check_packed_attention(model) -> PackedAttention:
     """How the model's packed examples are kept apart; ConfigError if its attention path or layers cannot be."""
     attn = model.config._attn_implementation
@@ -667,6 +687,8 @@ def train_model(config: TrainConfig) -> dict[str, Any]:
     shards = load_shards(config.shards)
     raw_model, tokenizer = build_model(config, shards, d.device)
     attn = check_packed_attention(raw_model)
+    if d.is_main:
+        warn_if_longer_than_context(raw_model, shards)
     flops, peak = count_flops(raw_model), peak_flops(d.device, config.precision, config.peak_tflops)
     model = wrap_model(raw_model, config, d)
     optimizer = configure_optimizer(raw_model, config, d.device)
@@ -740,7 +762,9 @@ def check_config(config: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    for name in ("max_steps", "save_every", "lr", "weight_decay", "grad_clip", "eval_every", "eval_batches", "peak_tflops"):
+    non_negative = ("max_steps", "save_every", "lr", "weight_decay", "grad_clip", "eval_every", "eval_batches",
+                    "peak_tflops")
+    for name in non_negative:
         if getattr(config, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if not 0 <= config.warmup_ratio < 1 or not 0 <= config.min_lr_ratio <= 1:

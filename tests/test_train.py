@@ -216,6 +216,20 @@ def test_a_model_whose_tokenizer_differs_from_the_shards_is_refused(shards_dir, 
     assert train_model(TrainConfig(**{**vars(run), "shards": str(matching), "overwrite": True}))["step"] == 1
 
 
+def test_examples_longer_than_the_models_context_are_warned_about(shards_dir, tmp_path, capsys):
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    train_model(TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path / "out"), model=str(base), max_steps=1, **FAST))
+    longest = max(max(r["seq_lengths"].tolist()) for r in PackedDataset(load_shards(shards_dir), shuffle=False))
+    assert f"warning: the longest example has {longest:,} tokens, more than the model's max_position_embeddings (64)" \
+        in capsys.readouterr().err
+    train_model(TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path / "out2"), max_steps=1, **FAST))
+    assert "warning" not in capsys.readouterr().err  # the built-in configs take the shards' max_len
+
+
 def test_epochs_mode_runs_whole_accumulation_windows(shards_dir, tmp_path):
     small = build_shards(tmp_path / "shards", n_examples=40, max_len=512, num_shards=1, tokenizer_name="bytes")
     final = train_model(
