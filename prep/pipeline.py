@@ -314,10 +314,14 @@ class _SourceTally:
         self.inputs = Counts()
 
     def batches(self, config: PackConfig, inputs: Report) -> Iterator[tuple[str, list[Conversation], list[Reject]]]:
-        """(split, conversations, rejects) batches; a weighted or split source is held in memory first."""
+        """(split, conversations, rejects) batches, streamed.
+
+        A weighted or split source is read first for its content hashes (which decide the validation contents
+        and the copies of each conversation), then once more per split to emit the conversations in input
+        order; only the hashes are held in memory.
+        """
         first_row = len(inputs.rows)
-        stream = _batched(iter_conversations(self.source.paths, self.source.format, dedup=config.dedup,
-                                             report=inputs), config.batch_size)
+        stream = self._stream(config, inputs)
         if self.source.weight == 1.0 and not _holds_out(self.val_fraction, self.val_size):
             for conversations, rejects in stream:
                 kept = self._unseen(conversations)
@@ -325,16 +329,21 @@ class _SourceTally:
                 self.counts["train"] += len(kept)
                 yield "train", kept, rejects
         else:
-            held: list[Conversation] = []
+            digests: list[str] = []
             for conversations, rejects in stream:
-                held += self._unseen(conversations)
+                digests += [content_hash(c.messages) for c in self._unseen(conversations)]
                 if rejects:
                     yield "train", [], rejects
-            yield from self._split_and_weight(held, config.seed, config.batch_size)
+            yield from self._split_and_weight(digests, config)
         for row in inputs.rows[first_row:]:
             self.inputs.add(row.counts)
 
-    def _unseen(self, conversations: list[Conversation]) -> list[Conversation]:
+    def _stream(self, config: PackConfig, report: Report) -> Iterator[tuple[list[Conversation], list[Reject]]]:
+        """The source's conversations and rejects in batches, counted in `report`."""
+        conversations = iter_conversations(self.source.paths, self.source.format, dedup=config.dedup, report=report)
+        return _batched(conversations, config.batch_size)
+
+    def _unseen(self, conversations: list[Conversation], count: bool = True) -> list[Conversation]:
         """Apply the source's system prompt, then drop (and count) contents an earlier source already had."""
         if self.source.system is not None:
             conversations = [with_system(c, self.source.system) for c in conversations]
@@ -344,25 +353,50 @@ class _SourceTally:
         for c in conversations:
             digest = content_hash(c.messages)
             if digest in self.earlier:
-                self.counts["cross_source_duplicates"] += 1
+                self.counts["cross_source_duplicates"] += count
                 continue
-            self.hashes.add(digest)
+            if count:
+                self.hashes.add(digest)
             kept.append(c)
         return kept
 
-    def _split_and_weight(self, held: list[Conversation], seed: int,
-                          batch_size: int) -> Iterator[tuple[str, list[Conversation], list[Reject]]]:
-        """Hold out the validation contents, then weight the rest (split first, so repeats stay in train)."""
-        digests = [content_hash(c.messages) for c in held]
-        validation_set = validation_hashes(digests, self.val_fraction, self.val_size, seed)
-        validation = [c for c, h in zip(held, digests, strict=True) if h in validation_set]
-        train_pairs = [(c, h) for c, h in zip(held, digests, strict=True) if h not in validation_set]
-        n_copies = copies([h for _, h in train_pairs], self.source.weight, seed)
-        train = [copy for (c, _), n in zip(train_pairs, n_copies, strict=True) for copy in repeat(c, n)]
-        self.counts.update(validation=len(validation), train_before_weighting=len(train_pairs), train=len(train))
-        for split, items in (("validation", validation), ("train", train)):
-            for start in range(0, len(items), batch_size):
-                yield split, items[start:start + batch_size], []
+    def _split_and_weight(
+        self, digests: list[str], config: PackConfig
+    ) -> Iterator[tuple[str, list[Conversation], list[Reject]]]:
+        """Hold out the validation contents, then weight the rest (split first, so repeats stay in train).
+
+        `digests` are the content hashes of the source's kept conversations in order; the source is read
+        again (its rejects and counts already reported) and each conversation is sent where they decide.
+        """
+        validation_set = validation_hashes(digests, self.val_fraction, self.val_size, config.seed)
+        train_digests = [h for h in digests if h not in validation_set]
+        n_copies = copies(train_digests, self.source.weight, config.seed)
+        self.counts.update(validation=len(digests) - len(train_digests), train_before_weighting=len(train_digests),
+                           train=sum(n_copies))
+        del digests, train_digests
+        for split in ("validation", "train"):  # one reading per split: the same order for any batch size
+            if self.counts[split]:
+                yield from self._reread(split, validation_set, n_copies, config)
+
+    def _reread(self, split: str, validation_set: set[str], n_copies: list[int],
+                config: PackConfig) -> Iterator[tuple[str, list[Conversation], list[Reject]]]:
+        """Read the source again and emit the conversations (and copies) that go to `split`."""
+        pending: list[Conversation] = []
+        position = 0  # among the conversations that stay in train
+        for conversations, _ in self._stream(config, Report("re-read")):  # its counts were taken the first time
+            for c in self._unseen(conversations, count=False):
+                held_out = content_hash(c.messages) in validation_set
+                if held_out and split == "validation":
+                    pending.append(c)
+                elif not held_out:
+                    if split == "train":
+                        pending += repeat(c, n_copies[position])
+                    position += 1
+            while len(pending) >= config.batch_size:
+                yield split, pending[: config.batch_size], []
+                del pending[: config.batch_size]
+        if pending:
+            yield split, pending, []
 
     def to_dict(self) -> dict[str, Any]:
         """The source and its counts, for the manifest."""
