@@ -19,7 +19,7 @@ status=0
 # Packed attention isolation on the GPU kernels (flex_attention; flash_attention_2 where flash-attn is installed)
 # and the flex_attention training path (no CPU backward, so only here).
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_attention_isolation.py \
-    "tests/test_train.py::test_checkpointing_compile_and_other_attention_paths_train_like_the_default" \
+    "tests/test_train.py::test_checkpointing_compile_and_other_attention_paths_train_like_the_default[flex_attention]" \
     2>&1 | tee "$out/tests.log" || status=1
 for attn in auto flex_attention; do
     timeout 400 python3 benchmarks/train.py --shards .device/shards/packed --padded-shards .device/shards/padded \

@@ -352,6 +352,7 @@ def test_parse_args_maps_every_flag_onto_a_field():
             marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention has no CPU backward"),
         ),
     ],
+    ids=["checkpointing", "compile", "eager", "flex_attention"],
 )
 def test_checkpointing_compile_and_other_attention_paths_train_like_the_default(shards_dir, tmp_path, variant):
     run = dict(shards=str(shards_dir), max_steps=3, precision="fp32", **FAST)  # the same numerics on a GPU too
