@@ -135,6 +135,18 @@ def test_packed_rows_give_the_loss_of_each_example_alone(shards, rows, arch, att
     assert max_difference(packed, alone, trained(rows)) < tolerance
 
 
+def test_flex_attention_uses_the_block_mask_it_is_given(shards, rows):
+    """The flex test above could pass by transformers finding the examples itself: a BlockMask that is only
+    causal (no example boundaries) must leak, so the kernel really runs on the mask prep passes."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    model = tiny_model("llama", "flex_attention", shards.manifest["tokenizer"]["vocab_size"])
+    batch = Collator(shards.max_len, shards.pad_token_id)(rows)
+    n, length = batch["input_ids"].shape
+    causal = create_block_mask(lambda b, h, q, k: q >= k, B=n, H=None, Q_LEN=length, KV_LEN=length, device="cpu")
+    assert plain_forward_difference(model, batch, rows, use_cache=False, attention_mask=causal) > LEAK
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_padding_free_rows_on_mask_paths_are_isolated_too(shards, rows, attn):
     model = tiny_model("llama", attn, shards.manifest["tokenizer"]["vocab_size"])
