@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class PrepError(Exception):
     """Base class: a problem the user can fix, with a message that says how."""
@@ -36,6 +38,18 @@ class ShardError(PrepError):
 
 class AccountingError(PrepError):
     """read != accepted + rejected (+ deduplicated): a bug, never a user error."""
+
+
+def location_path(loc: Sequence[str | int]) -> str:
+    """A pydantic error location as a path: keys joined by dots, list indices in brackets ("" for the root).
+
+    >>> location_path(("sources", 1, "weight"))
+    'sources[1].weight'
+    """
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
 
 
 def flag_error(error: Exception) -> ConfigError:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prep.errors import ConfigError, InputError
+from prep.errors import ConfigError, InputError, location_path
 from prep.read import expand_inputs
 from schemas.conversation import Conversation, Message, content_hash
 from schemas.recipe import Recipe
@@ -53,10 +53,7 @@ def key_path(loc: Sequence[str | int]) -> str:
     >>> key_path(("sources", 1, "weight"))
     'sources[1].weight'
     """
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "recipe"
+    return location_path(loc) or "recipe"
 
 
 def _message(error: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import pydantic_core
 from pydantic import ValidationError
 
-from prep.errors import InputError
+from prep.errors import InputError, location_path
 from prep.read import BATCH_SIZE, RawBatch, read_batches
 from schemas.raw import (
     BATCH_ADAPTERS,
@@ -259,10 +259,7 @@ def field_path(loc: tuple[Any, ...]) -> str:
     >>> field_path(("conversations", 2, "from"))
     'conversations[2].from'
     """
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "$"
+    return location_path(loc) or "$"
 
 
 def raw_text(payload: Any) -> str:
