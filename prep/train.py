@@ -790,10 +790,20 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def finish_distributed() -> None:
-    """Tear down the process group if one was set up (at the end of a torchrun run)."""
-    if dist.is_initialized():
-        dist.barrier()  # no rank tears down the store while another still uses it
-        dist.destroy_process_group()
+    """End a torchrun rank after a finished run: wait for every rank, tear down the group, leave at once.
+
+    Once DDP or FSDP has used a gloo group, PyTorch keeps its worker threads alive past destroy_process_group,
+    and they can abort the process while the interpreter shuts down (SIGABRT, "terminate called without an
+    active exception"), turning a finished run into a failed one. Every output is closed by now, so the rank
+    flushes stdout/stderr and leaves with os._exit(0), skipping that shutdown. No-op on a single process.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()  # no rank tears down the store while another still uses it
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -805,9 +815,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(metrics))
-    if dist.is_initialized():
-        dist.barrier()  # no rank tears down the store while another still uses it
-        dist.destroy_process_group()
+    finish_distributed()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ PyTorch's own launcher (`torchrun -m prep.train --fsdp`) ends with the same weig
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,7 +11,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from _shards import REPO, build_shards, single_thread  # noqa: F401 (autouse fixture)
 from safetensors.torch import load_file
@@ -71,8 +71,7 @@ def rank_worker(rank: int, world_size: int, port: int, shards_dir, out_dir) -> N
     )
     train.train_model(config)
     torch.save({"rows": rows, "weights": weights}, out_dir / f"rank{rank}.pt")
-    dist.barrier()  # no rank tears down the store while another still uses it
-    dist.destroy_process_group()
+    train.finish_distributed()  # leaves the process (exit code 0)
 
 
 def test_ranks_read_disjoint_rows(ddp_run):
@@ -118,6 +117,8 @@ def test_torchrun_fsdp_matches_ddp(ddp_run, shards_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # rank 0's last line is the final metrics: printed before finish_distributed leaves with os._exit
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == STEPS
     fsdp, ddp = load_file(tmp_path / "model.safetensors"), load_file(out / "model" / "model.safetensors")
     assert fsdp.keys() == ddp.keys()
     for k in ddp:

@@ -18,6 +18,7 @@ from prep.train import (
     TrainConfig,
     build_model,
     evaluate,
+    finish_distributed,
     token_losses,
     train_model,
 )
@@ -111,18 +112,15 @@ def eval_worker(rank: int, world_size: int, port: int, shards_dir, out_dir) -> N
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        train_shards = load_shards(shards_dir)
-        model, _ = build_model(TrainConfig(shards=str(shards_dir), attn_implementation="sdpa"), train_shards,
-                               torch.device("cpu"))
-        shards = load_shards(shards_dir, split="validation")
-        dataset = PackedDataset(shards, rank, world_size, shuffle=False)
-        scores = evaluate(model.eval(), dataset, Collator(shards.max_len, shards.pad_token_id),
-                          TrainConfig(batch_size=2), "sdpa", Dist(rank, world_size))
-        (out_dir / f"rank{rank}.json").write_text(json.dumps(scores))
-    finally:
-        dist.barrier()  # no rank tears down the store while another still uses it
-        dist.destroy_process_group()
+    train_shards = load_shards(shards_dir)
+    model, _ = build_model(TrainConfig(shards=str(shards_dir), attn_implementation="sdpa"), train_shards,
+                           torch.device("cpu"))
+    shards = load_shards(shards_dir, split="validation")
+    dataset = PackedDataset(shards, rank, world_size, shuffle=False)
+    scores = evaluate(model.eval(), dataset, Collator(shards.max_len, shards.pad_token_id),
+                      TrainConfig(batch_size=2), "sdpa", Dist(rank, world_size))
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(scores))
+    finish_distributed()  # leaves the process (exit code 0); an exception above reaches mp.spawn instead
 
 
 def test_evaluate_all_reduces_over_ranks(split_shards, tiny_model, tmp_path):

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from _shards import build_shards, single_thread  # noqa: F401 (autouse fixture)
 
 from prep.load import Collator, PackedDataset, load_shards
-from prep.train import Dist, forward_backward, token_loss_sum, trained_tokens
+from prep.train import Dist, finish_distributed, forward_backward, token_loss_sum, trained_tokens
 
 RTOL, ATOL = 1e-4, 1e-6
 
@@ -123,8 +123,7 @@ def rank_worker(rank: int, world_size: int, port: int, shards_dir, out) -> None:
         result[mode] = grads(model)
     if rank == 0:
         torch.save(result, out)
-    dist.barrier()  # no rank tears down the store while another still uses it
-    dist.destroy_process_group()
+    finish_distributed()  # leaves the process (exit code 0)
 
 
 def test_two_ranks_with_accumulation_equal_one_batch(shards_dir, tmp_path):
