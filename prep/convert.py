@@ -416,7 +416,13 @@ def _is_clean(turns: list[Turn]) -> bool:
 
     >>> _is_clean([Turn("user", ""), Turn("assistant", "ok")]), _is_clean([Turn("user", "q")])
     (True, False)
+    >>> _is_clean([Turn("user", "q"), Turn("assistant", " \\n")]), _is_clean([Turn("assistant", "a"), Turn("user", "")])
+    (False, False)
     """
+    if len(turns) == 2:  # the usual instruction/response pair, checked without a loop
+        user, assistant = turns
+        content = assistant.content
+        return user.role == "user" and assistant.role == "assistant" and bool(content) and not content.isspace()
     start = 1 if turns and turns[0].role == "system" else 0
     if len(turns) - start < 2 or (len(turns) - start) % 2:
         return False

@@ -170,7 +170,7 @@ def validate_batch(batch: RawBatch, format: str) -> ValidatedBatch:
     payloads = batch.payloads
     try:
         if payloads and isinstance(payloads[0], bytes):
-            validate = RECORD_ADAPTERS[format].validate_json
+            validate = RECORD_ADAPTERS[format].validator.validate_json  # pydantic-core's own: no wrapper per row
             records: list[Any] = [validate(p) for p in payloads]
         else:
             records = BATCH_ADAPTERS[format].validate_python(payloads)

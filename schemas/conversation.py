@@ -7,6 +7,7 @@ byte-for-byte: nothing is stripped, so code blocks and indentation survive.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -119,8 +120,9 @@ def content_hash(messages: list[Message]) -> str:
     >>> content_hash([Message(role="user", content="a"), Message(role="assistant", content="b")])
     '46d0642b854dd922'
     """
-    import hashlib
-
-    # One update over the joined bytes: the same digest as one update per part, at half the cost.
-    parts = [f"{m.role}\x00{m.content}\x01" for m in messages]
+    # One update over the joined bytes: the same digest as one update per part, at half the cost;
+    # the parts are joined once (an f-string per message would copy every content twice).
+    parts: list[str] = []
+    for m in messages:
+        parts += (m.role, "\x00", m.content, "\x01")
     return hashlib.blake2b("".join(parts).encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
