@@ -28,6 +28,7 @@ from schemas.raw import (
 from schemas.reject import ErrorDetail, Reject
 
 SAMPLE_SIZE = 32
+JSON_TEXT_FIELDS = ("conversations", "messages", "history")  # list fields that may come as JSON text
 STAGE = "convert"
 
 # Detection: a record's format is the first whose signature it matches (most specific first).
@@ -180,14 +181,53 @@ def validate_batch(batch: RawBatch, format: str) -> ValidatedBatch:
 
 
 def _validate_one(path: str, line: int, payload: Any, format: str) -> RawRecord | Reject:
-    """Validate one row; a failure becomes a Reject carrying every error."""
+    """Validate one row; a failure becomes a Reject carrying every error.
+
+    A list field given as JSON text (a CSV cell, a string column of a Parquet or HF export) is decoded and the
+    row validated again; only rows that fail take this path, so valid rows pay nothing for it.
+    """
     adapter = RECORD_ADAPTERS[format]
     try:
         if isinstance(payload, bytes):
             return adapter.validate_json(payload)
         return adapter.validate_python(payload)
     except ValidationError as e:
-        return reject_from_error(path, line, format, payload, e)
+        error = e
+    decoded = _json_text_decoded(payload, error)
+    if decoded is not None:
+        try:
+            return adapter.validate_python(decoded)
+        except ValidationError as e:
+            error = e
+    return reject_from_error(path, line, format, payload, error)
+
+
+def _json_text_decoded(payload: Any, error: ValidationError) -> dict[str, Any] | None:
+    """The row with its JSON_TEXT_FIELDS that hold a JSON list as a string decoded, when `error` is about such a
+    field being a string; otherwise None.
+
+    >>> from schemas.raw import RECORD_ADAPTERS
+    >>> row = {"messages": '[{"role": "user", "content": "hi"}]'}
+    >>> try:
+    ...     RECORD_ADAPTERS["openai"].validate_python(row)
+    ... except ValidationError as e:
+    ...     _json_text_decoded(row, e)
+    {'messages': [{'role': 'user', 'content': 'hi'}]}
+    """
+    fields = {d["loc"][0] for d in error.errors() if d["type"] in ("list_type", "tuple_type") and len(d["loc"]) == 1}
+    record = _as_object(payload) if fields & set(JSON_TEXT_FIELDS) else None
+    if record is None:
+        return None
+    decoded = dict(record)
+    for field in fields.intersection(JSON_TEXT_FIELDS):
+        value = record.get(field)
+        try:
+            items = pydantic_core.from_json(value) if isinstance(value, str) else None
+        except ValueError:
+            continue
+        if isinstance(items, list):
+            decoded[field] = items
+    return decoded if decoded != record else None
 
 
 def reject_from_error(path: str, line: int, format: str, payload: Any, error: ValidationError) -> Reject:

@@ -451,6 +451,48 @@ def test_csv_with_missing_columns_rejects_every_row(tmp: Path) -> None:
     assert read_jsonl(tmp / "out.rejects.jsonl")[0]["errors"][0]["field"] == "output"
 
 
+def test_list_fields_given_as_json_text_are_decoded(shared_data: Path, tmp: Path) -> None:
+    """CSV cells and string columns (pandas/HF exports) hold `conversations`/`messages` as JSON text: each record
+    converts exactly as its list form does; a bad role inside the text is named, text that is no list stays wrong."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sharegpt = [json.loads(line) for line in (shared_data / "sharegpt" / "sharegpt_zh_1K_format.jsonl")
+                .read_text(encoding="utf-8").splitlines()[:40]]
+    openai = json.loads((shared_data / "messages" / "kto_en_demo.json").read_text(encoding="utf-8"))[:40]
+    as_text = [{"conversations": json.dumps(r["conversations"], ensure_ascii=False)} for r in sharegpt]
+    (tmp / "text.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in as_text))
+    (tmp / "list.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sharegpt))
+    pq.write_table(pa.Table.from_pylist(as_text), tmp / "text.parquet")
+    with (tmp / "text.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, ["messages", "label"])
+        writer.writeheader()
+        writer.writerows({"messages": json.dumps(r["messages"]), "label": r["label"]} for r in openai)
+
+    def messages(path: Path) -> list[list[dict]]:
+        report = run([path], tmp / f"{path.name}.out.jsonl")
+        assert report.total.read == 40 and report.total.rejected_total == 0
+        return [r["messages"] for r in read_jsonl(tmp / f"{path.name}.out.jsonl")]
+
+    expected = messages(tmp / "list.jsonl")
+    assert messages(tmp / "text.jsonl") == messages(tmp / "text.parquet") == expected
+    from_csv = messages(tmp / "text.csv")
+    assert [[(m["role"], m["content"]) for m in c] for c in from_csv] == [
+        [(m["role"], m["content"]) for m in r["messages"]] for r in openai
+    ]
+    bad = [{"conversations": '[{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "yo"}]'},
+           {"conversations": "hello"}]
+    assert reasons_of("sharegpt", bad) == [("unknown_role", "conversations[0].from"), ("wrong_type", "conversations")]
+
+
+def reasons_of(fmt: str, rows: list[dict]) -> list[tuple[str, str]]:
+    """(reason, first error field) of each row's Reject."""
+    records = validate_batch(RawBatch("t.jsonl", list(range(len(rows))), rows, 1.0), fmt).records
+    return [(r.reason, r.errors[0].field) for r in records]
+
+
 CUT_GZIP = gzip.compress(b"".join(b'{"instruction": "q%d", "output": "a"}\n' % i for i in range(5000)))
 
 
