@@ -1,12 +1,13 @@
 """Read input files into batches of raw rows: no checks beyond "can the bytes be read".
 
 Supported inputs: `.jsonl` / `.ndjson` (one JSON value per line), `.json` (an array, or an object
-holding one list), `.csv`, each optionally compressed (`.gz`, `.zst`, `.bz2`, `.xz`), `.parquet`, and a
+holding one list), `.csv`, each optionally compressed (`.gz`, `.zst`, `.bz2`, `.xz`), `.parquet`, `.arrow`
+(Arrow IPC, stream or file format: the files of datasets' cache and of save_to_disk, Feather v2), and a
 folder written by `datasets.Dataset.save_to_disk`. Several paths and globs are expanded and sorted, so the same
 arguments always read the same rows in the same order.
 
 JSON Lines payloads stay `bytes` (validated later straight from the bytes); the other formats give
-`dict` rows. JSON Lines, Parquet, CSV and save_to_disk folders are streamed in batches; a `.json`
+`dict` rows. JSON Lines, Parquet, CSV, Arrow and save_to_disk folders are streamed in batches; a `.json`
 array is parsed whole (a single JSON value cannot be streamed cheaply).
 
 Line numbers: 1-based file lines for JSON Lines, 0-based row indices for everything else.
@@ -33,7 +34,7 @@ import pydantic_core
 from prep.errors import InputError
 
 BATCH_SIZE = 2048
-SUPPORTED = (".jsonl, .ndjson, .json, .csv (each optionally .gz, .zst, .bz2 or .xz), .parquet, "
+SUPPORTED = (".jsonl, .ndjson, .json, .csv (each optionally .gz, .zst, .bz2 or .xz), .parquet, .arrow, "
              "or a datasets.save_to_disk folder")
 CODECS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".xz": "xz"}  # compressed-file suffix -> codec
 _BOM = b"\xef\xbb\xbf"
@@ -87,7 +88,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
 
 
 def input_kind(path: str) -> str:
-    """Name the reader for a path: `jsonl`, `json`, `csv`, `parquet` or `saved` (save_to_disk folder).
+    """Name the reader for a path: `jsonl`, `json`, `csv`, `parquet`, `arrow` or `saved` (save_to_disk folder).
 
     Raises:
         InputError: the extension is not supported or the folder is not a save_to_disk folder.
@@ -111,6 +112,8 @@ def input_kind(path: str) -> str:
             return kind
     if name.endswith(".parquet") and not codec:
         return "parquet"
+    if name.endswith(".arrow") and not codec:
+        return "arrow"
     raise InputError(f"unsupported file type; expected {SUPPORTED}", path=path)
 
 
@@ -130,7 +133,7 @@ def read_batches(path: str, batch_size: int = BATCH_SIZE) -> Iterator[RawBatch]:
     """
     kind = input_kind(path)
     readers = {"jsonl": _jsonl_batches, "json": _json_batches, "csv": _csv_batches,
-               "parquet": _parquet_batches, "saved": _saved_batches}
+               "parquet": _parquet_batches, "arrow": _arrow_batches, "saved": _saved_batches}
     return readers[kind](path, batch_size)
 
 
@@ -308,21 +311,45 @@ def _parquet_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
 
 def _saved_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
     """A `datasets.save_to_disk` folder: its Arrow stream files in the order state.json lists them."""
-    import pyarrow as pa
-
     try:
         state = json.loads(Path(path, "state.json").read_text())
         files = [Path(path, f["filename"]) for f in state["_data_files"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"unreadable state.json ({e})", path=path) from None
+    yield from _arrow_rows(path, files, batch_size)
+
+
+def _arrow_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
+    """One `.arrow` file (Arrow IPC: datasets' cache and save_to_disk files, Feather v2), streamed by record batch."""
+    yield from _arrow_rows(path, [Path(path)], batch_size)
+
+
+def _arrow_rows(path: str, files: list[Path], batch_size: int) -> Iterator[RawBatch]:
+    """The rows of Arrow IPC files, in order, as RawBatches of `path` with 0-based row indices."""
+    import pyarrow as pa
+
     start = 0
     for number, file in enumerate(files, 1):
         try:
-            with pa.memory_map(str(file)) as source:
-                for record_batch in pa.ipc.open_stream(source):
-                    for offset in range(0, record_batch.num_rows, batch_size):
-                        rows = record_batch.slice(offset, batch_size).to_pylist()
-                        yield RawBatch(path, list(range(start, start + len(rows))), rows, (number - 1) / len(files))
-                        start += len(rows)
+            for record_batch in _ipc_record_batches(file):
+                for offset in range(0, record_batch.num_rows, batch_size):
+                    rows = record_batch.slice(offset, batch_size).to_pylist()
+                    yield RawBatch(path, list(range(start, start + len(rows))), rows, (number - 1) / len(files))
+                    start += len(rows)
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"unreadable Arrow file {file.name} ({e})", path=path) from None
+
+
+def _ipc_record_batches(file: Path) -> Iterator[Any]:
+    """The record batches of an Arrow IPC file, memory-mapped: the stream format (what datasets writes) or the
+    file format (Feather v2, `pyarrow.ipc.new_file`), told apart by the file format's leading magic bytes."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(file)) as source:
+        if source.read(6) == b"ARROW1":
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+            return
+        source.seek(0)
+        yield from pa.ipc.open_stream(source)

@@ -210,6 +210,34 @@ def test_save_to_disk_folder(tmp: Path) -> None:
     assert got[2].payload == rows[2]
 
 
+@pytest.mark.parametrize("ipc", ["stream", "file"])
+def test_arrow_files_read_like_the_json_they_hold(shared_data: Path, tmp: Path, ipc: str) -> None:
+    """A `.arrow` file in either IPC format (datasets' cache/save_to_disk files are streams, Feather v2 is the file
+    format), several record batches, gives the rows of the real Glaive file, in order, batch_size at a time."""
+    import pyarrow as pa
+
+    rows = json.loads((shared_data / "sharegpt" / "glaive_toolcall_en_demo.json").read_text(encoding="utf-8"))
+    table = pa.Table.from_pylist(rows)
+    path = tmp / "glaive.arrow"
+    with pa.OSFile(str(path), "wb") as sink:
+        new = pa.ipc.new_stream if ipc == "stream" else pa.ipc.new_file
+        with new(sink, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=70):  # 5 record batches of up to 70 rows
+                writer.write_batch(batch)
+    batches = list(read_batches(str(path), batch_size=64))
+    assert [len(b.lines) for b in batches] == [64, 6] * 4 + [20]  # sliced within each record batch
+    assert [r.line for r in read_rows([path])] == list(range(len(rows)))
+    assert [r.payload for r in read_rows([path])] == rows
+    assert input_kind(str(path)) == "arrow"
+
+
+def test_unreadable_arrow_file_is_one_clear_error(tmp: Path) -> None:
+    path = tmp / "a.arrow"
+    path.write_bytes(b"not arrow at all")
+    with pytest.raises(InputError, match="a.arrow: unreadable Arrow file a.arrow"):
+        list(read_rows([path]))
+
+
 # --- real data --------------------------------------------------------------------------------
 
 
