@@ -14,7 +14,7 @@ import typer
 
 from prep.errors import PrepError
 
-FORMAT_HELP = "auto (detect per file), alpaca, sharegpt, openai, transcript or unified."
+FORMAT_HELP = "auto (detect per file), alpaca, sharegpt, openai, prompt_completion, transcript or unified."
 app = typer.Typer(
     name="prep",
     help="Turn raw instruction-tuning data into training-ready shards.",
@@ -65,7 +65,7 @@ TemplateOpt = Annotated[str, typer.Option(help="markers | chatml | tokenizer | p
 TrainOnOpt = Annotated[str, typer.Option("--train-on", help="completion | last | all: which tokens carry a loss.")]
 MaxLenOpt = Annotated[int, typer.Option("--max-len", help="Tokens per row (and the longest example).")]
 OverflowOpt = Annotated[str, typer.Option(help="split | truncate | drop: what happens to a longer example.")]
-FormatOpt = Annotated[str, typer.Option("--format", "-f", help="auto|alpaca|sharegpt|openai|transcript|unified")]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", help="auto|alpaca|sharegpt|openai|prompt_completion|transcript|unified")]
 SplitOpt = Annotated[str, typer.Option(help="Which split of a folder packed with a validation split.")]
 RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub tokenizer's own code to run.")]
 

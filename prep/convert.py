@@ -23,7 +23,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import pairwise
 from typing import Any, NamedTuple
@@ -49,7 +49,9 @@ from schemas.conversation import (
 from schemas.raw import (
     TOOL_ROLES,
     AlpacaRecord,
+    OpenAIMessage,
     OpenAIRecord,
+    PromptCompletionRecord,
     RawRecord,
     ShareGPTRecord,
     TranscriptRecord,
@@ -146,15 +148,16 @@ def fold_reasoning(reasoning: str, content: str) -> str:
     return f"{REASONING_OPEN}{reasoning}{REASONING_CLOSE}{content}"
 
 
-def _message_fields(turns: list[Turn], messages: list[Any], prefix: str, meta: dict[str, Any]) -> None:
+def _message_fields(turns: list[Turn], messages: Sequence[Any], meta: dict[str, Any]) -> None:
     """Keep the messages' unknown keys in `meta["message_fields"]`, folding an assistant's reasoning into its turn.
 
+    `turns[i]` is `messages[i]`'s turn (None: a turn given as plain text); its `src` path names the message.
     Folded replies are counted in `meta["reasoning_folded"]`; every other key is kept under the message's path.
     """
     kept: dict[str, dict[str, Any]] = {}
     folded = 0
     for i, m in enumerate(messages):
-        extra = m.__pydantic_extra__
+        extra = m.__pydantic_extra__ if m is not None else None
         if not extra:
             continue
         extra = dict(extra)
@@ -167,7 +170,7 @@ def _message_fields(turns: list[Turn], messages: list[Any], prefix: str, meta: d
                 turns[i] = turns[i]._replace(content=fold_reasoning(reasoning, turns[i].content))
                 folded += 1
         if extra:
-            kept[f"{prefix}[{i}]"] = extra
+            kept[turns[i].src] = extra
     if kept:
         meta["message_fields"] = kept
     if folded:
@@ -185,7 +188,7 @@ def sharegpt_turns(r: ShareGPTRecord) -> Draft:
     """
     turns = [Turn(unified_role(m.from_), m.value, f"conversations[{i}]") for i, m in enumerate(r.conversations)]
     meta = _extras(r)
-    _message_fields(turns, r.conversations, "conversations", meta)
+    _message_fields(turns, r.conversations, meta)
     if any(m.from_.lower() in TOOL_ROLES for m in r.conversations):
         meta["original_roles"] = [m.from_ for m in r.conversations]
     if r.system:
@@ -205,31 +208,74 @@ def openai_turns(r: OpenAIRecord) -> Draft:
     >>> [(t.role, t.content, t.train) for t in d.turns]
     [('system', 'Be brief.', None), ('user', 'Hi', None), ('assistant', 'Hello!', False)]
     """
-    turns = []
-    tools = False
-    for i, m in enumerate(r.messages):
-        role = unified_role(m.role)
-        text = m.content if m.content is None or m.content.__class__ is str else _text_parts(m.content, i)
-        calls = m.tool_calls if m.tool_calls is not None else ([m.function_call] if m.function_call else None)
-        content = _join([text or "", _to_json(calls).decode()]) if calls else text or ""
-        tools = tools or bool(calls) or m.role.lower() in TOOL_ROLES
-        train = bool(m.weight) if m.weight is not None and role == "assistant" else None
-        turns.append(Turn(role, content, f"messages[{i}]", train))
+    turns, tools = message_turns(r.messages, "messages")
     meta = _extras(r)
-    _message_fields(turns, r.messages, "messages", meta)
+    _message_fields(turns, r.messages, meta)
     if tools:
         meta["original_roles"] = [m.role for m in r.messages]
     return Draft(turns, meta)
 
 
-def _text_parts(parts: list[Any], index: int) -> str:
+def message_turns(messages: list[OpenAIMessage], prefix: str) -> tuple[list[Turn], bool]:
+    """OpenAI-style messages as turns (each turn's path `prefix[i]`), and whether any of them is tool traffic."""
+    turns = []
+    tools = False
+    for i, m in enumerate(messages):
+        role = unified_role(m.role)
+        path = f"{prefix}[{i}]"
+        text = m.content if m.content is None or m.content.__class__ is str else _text_parts(m.content, path)
+        calls = m.tool_calls if m.tool_calls is not None else ([m.function_call] if m.function_call else None)
+        content = _join([text or "", _to_json(calls).decode()]) if calls else text or ""
+        tools = tools or bool(calls) or m.role.lower() in TOOL_ROLES
+        train = bool(m.weight) if m.weight is not None and role == "assistant" else None
+        turns.append(Turn(role, content, path, train))
+    return turns, tools
+
+
+def _text_parts(parts: list[Any], path: str) -> str:
     """The text of a list `content`; any other kind of part (image, audio, file) cannot become SFT text."""
     for j, part in enumerate(parts):
         if part.type != "text" or part.text is None:
-            raise Unconvertible(f"messages[{index}].content[{j}]", f"content part of type {part.type!r} is not "
+            raise Unconvertible(f"{path}.content[{j}]", f"content part of type {part.type!r} is not "
                                 "text (prep prepares text-only data); only {'type': 'text', 'text': ...} parts "
                                 "are accepted", "unsupported_content")
     return "".join(part.text for part in parts)
+
+
+def prompt_completion_turns(r: PromptCompletionRecord) -> Draft:
+    """TRL prompt-completion and preference records: the prompt, then the completion (or the chosen answer).
+
+    A text prompt is one user turn, a text answer one assistant turn; message lists map as OpenAI messages.
+    As in TRL, only the answer is trained: an assistant turn inside the prompt is context (`train: false`). When
+    the answer repeats the prompt (a `chosen` holding the whole conversation) the prompt is not added twice.
+    `rejected` and any other key go to meta.
+
+    >>> d = prompt_completion_turns(PromptCompletionRecord(prompt="Sky?", chosen=" Blue.", rejected=" Green."))
+    >>> [(t.role, t.content) for t in d.turns], d.meta
+    ([('user', 'Sky?'), ('assistant', ' Blue.')], {'rejected': ' Green.'})
+    """
+    key = "completion" if r.completion is not None else "chosen"
+    prompt, prompt_messages, prompt_tools = _side(r.prompt, "user", "prompt")
+    answer, answer_messages, answer_tools = _side(getattr(r, key), "assistant", key)
+    if prompt and [t[:2] for t in answer[: len(prompt)]] == [t[:2] for t in prompt]:
+        prompt, prompt_messages = [], []
+    turns = [t._replace(train=False) if t.role == "assistant" and t.train is None else t for t in prompt] + answer
+    meta = _extras(r)
+    _message_fields(turns, prompt_messages + answer_messages, meta)
+    if prompt_tools or answer_tools:
+        meta["original_roles"] = [m.role if m is not None else t.role for t, m in
+                                  zip(turns, prompt_messages + answer_messages, strict=True)]
+    return Draft(turns, meta)
+
+
+def _side(value: str | list[Any] | None, role: str, key: str) -> tuple[list[Turn], list[Any], bool]:
+    """One side of a prompt-completion record as (turns, the message of each turn or None, has tool traffic)."""
+    if value is None:
+        return [], [], False
+    if isinstance(value, str):
+        return [Turn(role, value, key)], [None], False
+    turns, tools = message_turns(value, key)
+    return turns, list(value), tools
 
 
 # Transcript markers, one style per record (the style whose marker comes first is used).
@@ -333,6 +379,7 @@ CONVERTERS: dict[str, Callable[[Any], Draft]] = {
     "alpaca": alpaca_turns,
     "sharegpt": sharegpt_turns,
     "openai": openai_turns,
+    "prompt_completion": prompt_completion_turns,
     "transcript": transcript_turns,
     "unified": unified_turns,
 }

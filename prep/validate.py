@@ -36,7 +36,8 @@ SIGNATURES: dict[str, str] = {
     "unified": "id + messages + (meta or source)",
     "openai": "messages",
     "sharegpt": "conversations",
-    "alpaca": "instruction (or prompt + completion)",
+    "alpaca": "instruction (or prompt + completion texts)",
+    "prompt_completion": "prompt + completion or chosen (messages or texts), or chosen messages",
     "transcript": "text or chosen",
 }
 
@@ -62,21 +63,32 @@ class ValidatedFile(NamedTuple):
 
 
 def record_format(keys: Any) -> str | None:
-    """The format a record's keys point to, or None.
+    """The format a record's keys point to (and, given the record, its values), or None.
+
+    Text prompt/completion pairs are alpaca; message lists in them, or a `prompt` with a `chosen` answer, are
+    TRL's prompt_completion; a `chosen` text without a prompt is a whole transcript (hh-rlhf).
 
     >>> record_format({"instruction": "x", "output": "y"})
     'alpaca'
     >>> record_format({"id": "a", "messages": [], "meta": {}})
     'unified'
+    >>> record_format({"prompt": [{"role": "user", "content": "x"}], "completion": [], "label": True})
+    'prompt_completion'
     """
+    values = keys if isinstance(keys, dict) else {}
     if "messages" in keys:
         return "unified" if "id" in keys and ("meta" in keys or "source" in keys) else "openai"
     if "conversations" in keys:
         return "sharegpt"
-    if "instruction" in keys or ("prompt" in keys and "completion" in keys):
+    if "instruction" in keys:
         return "alpaca"
-    if "text" in keys or "chosen" in keys:
+    if "prompt" in keys and "completion" in keys:
+        lists = any(isinstance(values.get(k), list) for k in ("prompt", "completion"))
+        return "prompt_completion" if lists else "alpaca"
+    if "text" in keys:
         return "transcript"
+    if "chosen" in keys:
+        return "prompt_completion" if "prompt" in keys or isinstance(values.get("chosen"), list) else "transcript"
     return None
 
 
@@ -198,7 +210,7 @@ def _validate_one(path: str, line: int, payload: Any, format: str) -> RawRecord 
         try:
             return adapter.validate_python(decoded)
         except ValidationError as e:
-            error = e
+            return reject_from_error(path, line, format, payload, e, decoded)
     return reject_from_error(path, line, format, payload, error)
 
 
@@ -230,8 +242,13 @@ def _json_text_decoded(payload: Any, error: ValidationError) -> dict[str, Any] |
     return decoded if decoded != record else None
 
 
-def reject_from_error(path: str, line: int, format: str, payload: Any, error: ValidationError) -> Reject:
+def reject_from_error(path: str, line: int, format: str, payload: Any, error: ValidationError,
+                      record: Any = None) -> Reject:
     """Turn a ValidationError into a Reject: a reason code for the first error, and every error listed.
+
+    For a field that may hold several types (text or messages), only the errors of the type the record actually
+    has are listed, and pydantic's type tags are left out of the field paths. `record` is the row the error's
+    locations refer to (default: the payload, parsed).
 
     >>> from schemas.raw import RECORD_ADAPTERS
     >>> try:
@@ -241,10 +258,45 @@ def reject_from_error(path: str, line: int, format: str, payload: Any, error: Va
     >>> r.reason, r.errors[0].field
     ('unknown_role', 'conversations[0].from')
     """
-    details = error.errors(include_url=False)
+    record = _as_object(payload) if record is None else record
+    located = [(d, *_untagged(d["loc"], record)) for d in error.errors(include_url=False)]
+    fitting = [(d, loc) for d, loc, fits in located if fits] or [(d, loc) for d, loc, _ in located]
+    details = [{**d, "loc": loc} for d, loc in fitting]
     reason = _reason(details[0], payload)
     errors = [ErrorDetail(field=field_path(d["loc"]), message=_message(d, payload)) for d in details]
     return Reject(path=path, line=line, stage=STAGE, reason=reason, errors=errors, raw=raw_text(payload), format=format)
+
+
+_TYPE_TAGS = {"str": str, "list": list, "dict": dict, "int": int, "float": float, "bool": bool}
+
+
+def _untagged(loc: tuple[Any, ...], record: Any) -> tuple[tuple[Any, ...], bool]:
+    """An error location without pydantic's union tags (`str`, `list[OpenAIMessage]`...), and whether every tag
+    names the type the record has there (an error of another branch says nothing about this record).
+
+    >>> _untagged(("prompt", "list[OpenAIMessage]", 0, "role"), {"prompt": [{"role": "robot"}]})
+    (('prompt', 0, 'role'), True)
+    >>> _untagged(("prompt", "str"), {"prompt": [{"role": "robot"}]})
+    (('prompt',), False)
+    """
+    value, kept, fits = record, [], True
+    for part in loc:
+        if isinstance(part, str) and not (isinstance(value, dict) and part in value) and _is_type_tag(part):
+            expected = _TYPE_TAGS.get(part.split("[", 1)[0])
+            fits = fits and (expected is None or isinstance(value, expected))
+            continue
+        kept.append(part)
+        if isinstance(part, int):
+            value = value[part] if isinstance(value, list) and 0 <= part < len(value) else None
+        else:
+            value = value.get(part) if isinstance(value, dict) else None
+    return tuple(kept), fits
+
+
+def _is_type_tag(part: str) -> bool:
+    """True for a pydantic union tag such as `str`, `none`, `list[ContentPart]` or `literal[0,1]` (no field of
+    prep's raw models has such a name)."""
+    return part in _TYPE_TAGS or part == "none" or ("[" in part and part.endswith("]"))
 
 
 def _reason(detail: Any, payload: Any) -> str:
@@ -269,7 +321,7 @@ def _message(detail: Any, payload: Any) -> str:
     """A readable message for one pydantic error (names the role, the alias, the bad byte)."""
     kind, loc, msg = detail["type"], detail["loc"], detail["msg"]
     if kind == "string_pattern_mismatch" and loc and loc[-1] in ("from", "role"):
-        roles = OPENAI_ROLES if loc[0] == "messages" else SHAREGPT_ROLES
+        roles = SHAREGPT_ROLES if loc[0] == "conversations" else OPENAI_ROLES
         return f"unknown role {detail['input']!r}; expected one of {', '.join(roles)} (in any case)"
     if kind == "missing" and loc and loc[-1] in FIELD_ALIASES:
         others = " or ".join(repr(a) for a in FIELD_ALIASES[loc[-1]])

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FormatOption = Literal["auto", "alpaca", "sharegpt", "openai", "transcript", "unified"]
+FormatOption = Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion", "transcript", "unified"]
 
 
 class ConvertConfig(BaseModel):

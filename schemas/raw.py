@@ -15,6 +15,8 @@ Formats and the keys that identify them (see `detect` in prep/validate.py):
   text parts; an assistant message's `weight` (0 or 1, OpenAI fine-tuning) says whether it is trained.
 
 Role names are matched case-insensitively ("Human", "GPT", "USER" are roles too), in Rust, by pattern.
+- `prompt_completion`: TRL's prompt-completion and preference records: `prompt` (text or messages; optional
+  when `chosen` holds the whole conversation) and `completion` or `chosen` (text or messages); `rejected` is kept.
 - `transcript`: one text field (`text` or hh-rlhf's `chosen`) holding a whole dialogue.
 - `unified`: prep's own output form (schemas/conversation.py); it converts to itself.
 """
@@ -28,8 +30,8 @@ from pydantic_core import PydanticCustomError
 
 from schemas.conversation import Message, SourceRef
 
-FormatName = Literal["alpaca", "sharegpt", "openai", "transcript", "unified"]
-FORMAT_NAMES: tuple[str, ...] = ("alpaca", "sharegpt", "openai", "transcript", "unified")
+FormatName = Literal["alpaca", "sharegpt", "openai", "prompt_completion", "transcript", "unified"]
+FORMAT_NAMES: tuple[str, ...] = ("alpaca", "sharegpt", "openai", "prompt_completion", "transcript", "unified")
 
 # Role aliases seen in the wild, mapped to the unified roles. Tool traffic is folded into the
 # dialogue: a tool *call* is something the assistant says, a tool *result* is input to it.
@@ -152,6 +154,28 @@ class OpenAIRecord(BaseModel):
     messages: list[OpenAIMessage]
 
 
+class PromptCompletionRecord(BaseModel):
+    """TRL's prompt-completion and preference records, standard (text) or conversational (OpenAI-style messages).
+
+    >>> r = PromptCompletionRecord.model_validate({"prompt": [{"role": "user", "content": "Sky?"}],
+    ...                                            "chosen": [{"role": "assistant", "content": "Blue."}]})
+    >>> r.chosen[0].content, r.completion
+    ('Blue.', None)
+    """
+
+    model_config = _RECORD
+
+    prompt: str | list[OpenAIMessage] | None = None
+    completion: str | list[OpenAIMessage] | None = None
+    chosen: str | list[OpenAIMessage] | None = None
+
+    @model_validator(mode="after")
+    def _needs_answer(self) -> PromptCompletionRecord:
+        if self.completion is None and self.chosen is None:
+            raise PydanticCustomError("missing", "Field required: 'completion' (or 'chosen')")
+        return self
+
+
 class TranscriptRecord(BaseModel):
     """A whole dialogue in one string: `text`, or hh-rlhf's `chosen` (its `rejected` is kept in meta).
 
@@ -192,12 +216,13 @@ class UnifiedRecord(BaseModel):
     meta: dict[str, Any] | Json[dict[str, Any]] = Field(default_factory=dict)
 
 
-RawRecord = AlpacaRecord | ShareGPTRecord | OpenAIRecord | TranscriptRecord | UnifiedRecord
+RawRecord = AlpacaRecord | ShareGPTRecord | OpenAIRecord | PromptCompletionRecord | TranscriptRecord | UnifiedRecord
 
 RAW_MODELS: dict[str, type[BaseModel]] = {
     "alpaca": AlpacaRecord,
     "sharegpt": ShareGPTRecord,
     "openai": OpenAIRecord,
+    "prompt_completion": PromptCompletionRecord,
     "transcript": TranscriptRecord,
     "unified": UnifiedRecord,
 }

@@ -386,6 +386,7 @@ EXAMPLES = {
     "mixed_bad.jsonl": (11, 2, {"invalid_json": 2, "invalid_utf8": 1, "wrong_type": 2, "missing_field": 1,
                                 "empty_response": 2, "not_an_object": 1}, {}),
     "openai.jsonl": (10, 8, {"wrong_type": 1, "misplaced_system": 1}, {}),
+    "preference.jsonl": (8, 5, {"empty_response": 1, "unknown_role": 1, "missing_field": 1}, {}),
     "sharegpt.jsonl": (12, 8, {"starts_with_assistant": 1, "unknown_role": 1, "empty_response": 1,
                                "no_assistant_turn": 1}, {"merged_turns": 1, "trimmed_trailing_user": 1}),
     "transcripts.jsonl.gz": (9, 6, {"empty_response": 1, "unparsable_transcript": 1, "starts_with_assistant": 1},
@@ -485,6 +486,63 @@ def test_list_fields_given_as_json_text_are_decoded(shared_data: Path, tmp: Path
     bad = [{"conversations": '[{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "yo"}]'},
            {"conversations": "hello"}]
     assert reasons_of("sharegpt", bad) == [("unknown_role", "conversations[0].from"), ("wrong_type", "conversations")]
+
+
+def test_trl_prompt_completion_and_preference_records_convert_like_their_messages(shared_data: Path,
+                                                                                   tmp: Path) -> None:
+    """TRL's dataset types built from the real OpenAI-messages file: each converts to the same turns as the
+    messages themselves; only the answer is trained (the prompt's assistant turns are context), as in TRL."""
+    records = json.loads((shared_data / "messages" / "kto_en_demo.json").read_text(encoding="utf-8"))
+    others = records[1:] + records[:1]  # a rejected answer from another record
+    kinds = {
+        "unpaired.jsonl": [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:], "label": r["label"]}
+                           for r in records],
+        "explicit.jsonl": [{"prompt": r["messages"][:-1], "chosen": r["messages"][-1:], "rejected": o["messages"][-1:]}
+                           for r, o in zip(records, others)],
+        "implicit.jsonl": [{"chosen": r["messages"], "rejected": o["messages"]} for r, o in zip(records, others)],
+        "repeated.jsonl": [{"prompt": r["messages"][0]["content"], "chosen": r["messages"], "rejected": []}
+                           for r in records],
+    }
+    expected = [[(m["role"], m["content"]) for m in r["messages"]] for r in records]
+    for name, rows in kinds.items():
+        (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        report = run([tmp / name], tmp / f"{name}.out")
+        assert report.rows[0].kind == "prompt_completion (auto)" and report.total.accepted == len(records), name
+        out = read_jsonl(tmp / f"{name}.out")
+        assert [[(m["role"], m["content"]) for m in c["messages"]] for c in out] == expected, name
+        trained = [[m["train"] for m in c["messages"] if m["role"] == "assistant"] for c in out]
+        if name in ("unpaired.jsonl", "explicit.jsonl"):
+            assert trained == [[False] * (len(t) - 1) + [None] for t in trained], name
+        else:
+            assert all(flag is None for t in trained for flag in t), name
+    assert [c["meta"] for c in read_jsonl(tmp / "unpaired.jsonl.out")] == [{"label": r["label"]} for r in records]
+    assert read_jsonl(tmp / "explicit.jsonl.out")[0]["meta"] == {"rejected": records[1]["messages"][-1:]}
+
+
+def test_trl_standard_preference_texts_convert_like_alpaca(shared_data: Path, tmp: Path) -> None:
+    rows = [r for r in json.loads((shared_data / "alpaca" / "alpaca_en_demo.json").read_text(encoding="utf-8"))
+            if not r["input"]]
+    texts = [{"prompt": r["instruction"], "chosen": r["output"], "rejected": "No."} for r in rows]
+    (tmp / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in texts))
+    (tmp / "alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run([tmp / "pref.jsonl"], tmp / "pref.out")
+    run([tmp / "alpaca.jsonl"], tmp / "alpaca.out")
+    pref, alpaca = read_jsonl(tmp / "pref.out"), read_jsonl(tmp / "alpaca.out")
+    assert [c["messages"] for c in pref] == [c["messages"] for c in alpaca] and len(pref) == len(rows)
+    assert {c["id"] for c in pref} == {c["id"] for c in alpaca}  # same content, same id
+
+
+def test_trl_records_with_errors_name_the_field_inside_the_messages() -> None:
+    rows = [{"prompt": [{"role": "robot", "content": "Hi"}], "completion": "x"},
+            {"prompt": "Hi", "rejected": "no"},
+            {"prompt": "Hi", "chosen": [{"role": "assistant", "content": [{"type": "image_url"}]}]}]
+    records = validate_batch(RawBatch("t.jsonl", [1, 2, 3], rows, 1.0), "prompt_completion").records
+    role, missing = records[0], records[1]
+    assert (role.reason, [e.field for e in role.errors]) == ("unknown_role", ["prompt[0].role"])
+    assert "expected one of system, developer, user, assistant" in role.errors[0].message
+    assert (missing.reason, missing.errors[0].field) == ("missing_field", "$")
+    result = convert_record(records[2], "prompt_completion", "t.jsonl", 3)
+    assert (result.reason, result.errors[0].field) == ("unsupported_content", "chosen[0].content[0]")
 
 
 def reasons_of(fmt: str, rows: list[dict]) -> list[tuple[str, str]]:
