@@ -26,8 +26,10 @@ final = sys.argv[1]
 tok, model = AutoTokenizer.from_pretrained(final), AutoModelForCausalLM.from_pretrained(final)
 prompt = "###instruction###\nGive three tips for staying healthy.\n\n###response###\n"
 ids = tok(prompt, return_tensors="pt").input_ids
-out = model.generate(ids, max_new_tokens=80, do_sample=False, pad_token_id=tok.pad_token_id,
+out = model.generate(ids, max_new_tokens=200, do_sample=False, pad_token_id=tok.pad_token_id,
                      eos_token_id=tok.eos_token_id)
-print("generated:", repr(tok.decode(out[0, ids.shape[1]:])))
+reply = out[0, ids.shape[1]:]
+print("generated:", repr(tok.decode(reply, skip_special_tokens=True)))
+print("stopped at EOS:", bool(reply[-1] == tok.eos_token_id))
 PY
 echo "demo done: outputs in $out/"
