@@ -260,11 +260,11 @@ def prompt_completion_turns(r: PromptCompletionRecord) -> Draft:
     if prompt and [t[:2] for t in answer[: len(prompt)]] == [t[:2] for t in prompt]:
         prompt, prompt_messages = [], []
     turns = [t._replace(train=False) if t.role == "assistant" and t.train is None else t for t in prompt] + answer
+    messages = prompt_messages + answer_messages
     meta = _extras(r)
-    _message_fields(turns, prompt_messages + answer_messages, meta)
+    _message_fields(turns, messages, meta)
     if prompt_tools or answer_tools:
-        meta["original_roles"] = [m.role if m is not None else t.role for t, m in
-                                  zip(turns, prompt_messages + answer_messages, strict=True)]
+        meta["original_roles"] = [m.role if m is not None else t.role for t, m in zip(turns, messages, strict=True)]
     return Draft(turns, meta)
 
 
@@ -275,7 +275,7 @@ def _side(value: str | list[Any] | None, role: str, key: str) -> tuple[list[Turn
     if isinstance(value, str):
         return [Turn(role, value, key)], [None], False
     turns, tools = message_turns(value, key)
-    return turns, list(value), tools
+    return turns, value, tools
 
 
 # Transcript markers, one style per record (the style whose marker comes first is used).

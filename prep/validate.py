@@ -227,11 +227,12 @@ def _json_text_decoded(payload: Any, error: ValidationError) -> dict[str, Any] |
     {'messages': [{'role': 'user', 'content': 'hi'}]}
     """
     fields = {d["loc"][0] for d in error.errors() if d["type"] in ("list_type", "tuple_type") and len(d["loc"]) == 1}
-    record = _as_object(payload) if fields & set(JSON_TEXT_FIELDS) else None
+    fields &= set(JSON_TEXT_FIELDS)
+    record = _as_object(payload) if fields else None
     if record is None:
         return None
     decoded = dict(record)
-    for field in fields.intersection(JSON_TEXT_FIELDS):
+    for field in fields:
         value = record.get(field)
         try:
             items = pydantic_core.from_json(value) if isinstance(value, str) else None

@@ -6,19 +6,19 @@ inside a ShareGPT or OpenAI message (`meta["message_fields"]`), except an assist
 (`reasoning_content`, `thinking`, `reasoning`), which is folded into its reply. The TypeAdapters are
 built once, here.
 
-Formats and the keys that identify them (see `detect` in prep/validate.py):
+Formats and the keys that identify them (see `record_format` in prep/validate.py):
 
 - `alpaca`: `instruction`, `input` (or Dolly's `context`), `output` (or `response`), optional
   `system` and LLaMA-Factory `history` pairs; also prompt/completion pairs (`prompt` + `completion` strings).
 - `sharegpt`: `conversations: [{from, value}]` (also `{role, content}`), optional `system`.
 - `openai`: `messages: [{role, content}]`, tool roles and `tool_calls` included; `content` may be a list of
   text parts; an assistant message's `weight` (0 or 1, OpenAI fine-tuning) says whether it is trained.
-
-Role names are matched case-insensitively ("Human", "GPT", "USER" are roles too), in Rust, by pattern.
 - `prompt_completion`: TRL's prompt-completion and preference records: `prompt` (text or messages; optional
   when `chosen` holds the whole conversation) and `completion` or `chosen` (text or messages); `rejected` is kept.
 - `transcript`: one text field (`text` or hh-rlhf's `chosen`) holding a whole dialogue.
 - `unified`: prep's own output form (schemas/conversation.py); it converts to itself.
+
+Role names are matched case-insensitively ("Human", "GPT", "USER" are roles too), in Rust, by pattern.
 """
 
 from __future__ import annotations

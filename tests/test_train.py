@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,19 @@ def trained(shards_dir, tmp_path_factory):
         TrainConfig(shards=str(shards_dir), out_dir=str(out), max_steps=30, **{**FAST, "progress": True})
     )
     return out, final
+
+
+def saved_random_model(folder: Path, config) -> Path:
+    """A random-init model of `config` (seed 0), saved in `folder` for `--model`."""
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def small_llama(**overrides) -> LlamaConfig:
+    """A one-layer Llama config for `--model` tests (vocab_size and the rest as given)."""
+    return LlamaConfig(**{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, **overrides})
 
 
 def read_metrics(out) -> list[dict]:
@@ -147,18 +161,7 @@ def test_resume_without_checkpoint_is_an_error(shards_dir, tmp_path):
 
 def test_marker_tokens_resize_a_pretrained_models_embeddings(tmp_path):
     shards_dir = build_shards(tmp_path / "shards", n_examples=16, max_len=256, num_shards=1, markers=True)
-    base = tmp_path / "base"
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(
-        LlamaConfig(
-            vocab_size=49152,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            tie_word_embeddings=True,
-        )
-    ).save_pretrained(base)
+    base = saved_random_model(tmp_path / "base", small_llama(vocab_size=49152, tie_word_embeddings=True))
     train_model(
         TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path / "out"), model=str(base), max_steps=2, **FAST)
     )
@@ -171,8 +174,6 @@ def test_a_model_with_full_and_sliding_window_layers_trains_with_one_mask_per_la
 ):
     from transformers import Qwen2Config
 
-    base = tmp_path / "base"
-    torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=257,
         hidden_size=32,
@@ -184,7 +185,7 @@ def test_a_model_with_full_and_sliding_window_layers_trains_with_one_mask_per_la
         sliding_window=32,
         max_window_layers=1,
     )
-    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    base = saved_random_model(tmp_path / "base", config)
     masks = []
     build = train.PackedAttention.kwargs
 
@@ -202,11 +203,7 @@ def test_a_model_with_full_and_sliding_window_layers_trains_with_one_mask_per_la
 def test_a_model_whose_tokenizer_differs_from_the_shards_is_refused(shards_dir, tmp_path):
     from _shards import load_tokenizer
 
-    base = tmp_path / "base"
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2)
-    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    base = saved_random_model(tmp_path / "base", small_llama(vocab_size=49152))
     load_tokenizer("smollm2-135m").save_pretrained(base)  # the model's own tokenizer; the shards use bytes
     run = TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path / "out"), model=str(base), max_steps=1, **FAST)
     with pytest.raises(ConfigError, match=r"packed with another tokenizer .* pack again with --tokenizer"):
@@ -217,11 +214,7 @@ def test_a_model_whose_tokenizer_differs_from_the_shards_is_refused(shards_dir, 
 
 
 def test_examples_longer_than_the_models_context_are_warned_about(shards_dir, tmp_path, capsys):
-    base = tmp_path / "base"
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=64)
-    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    base = saved_random_model(tmp_path / "base", small_llama(vocab_size=257, max_position_embeddings=64))
     train_model(TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path / "out"), model=str(base), max_steps=1, **FAST))
     longest = max(max(r["seq_lengths"].tolist()) for r in PackedDataset(load_shards(shards_dir), shuffle=False))
     assert f"warning: the longest example has {longest:,} tokens, more than the model's max_position_embeddings (64)" \
