@@ -338,17 +338,7 @@ def wrap_model(model, config: TrainConfig, d: Dist):
     so all-reduces overlap the backward pass. The unwrapped module stays the caller's for state dicts.
     """
     if config.fsdp and d.world_size > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(d.device.type, (d.world_size,))
-        policy = fsdp_mixed_precision(resolve_precision(config.precision, d.device))
-        kwargs = {"mesh": mesh} if policy is None else {"mesh": mesh, "mp_policy": policy}
-        block_names = set(getattr(model, "_no_split_modules", None) or [])
-        for module in model.modules():
-            if type(module).__name__ in block_names:
-                fully_shard(module, **kwargs)
-        fully_shard(model, **kwargs)
+        shard_model(model, d, resolve_precision(config.precision, d.device))
     elif d.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -356,6 +346,21 @@ def wrap_model(model, config: TrainConfig, d: Dist):
     if config.compile:
         model = torch.compile(model)
     return model
+
+
+def shard_model(model, d: Dist, precision: str) -> None:
+    """FSDP2 in place: fully_shard every decoder layer, then the whole model, over all ranks of `d`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    policy = fsdp_mixed_precision(precision)
+    kwargs = {"mesh": mesh} if policy is None else {"mesh": mesh, "mp_policy": policy}
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in block_names:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
 
 
 def fsdp_mixed_precision(precision: str):
@@ -455,16 +460,8 @@ VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def packed_logits(model, inputs: dict[str, Any], attn: PackedAttention | str) -> torch.Tensor:
-    """Logits of a micro-batch of packed rows, each example attending only to its own earlier tokens.
-
-    On the flash paths the collator's cu_seq_lens and max lengths (computed on the host) are used as they are:
-    rebuilding them from position_ids on the GPU would cost two host syncs per micro-batch.
-    """
-    spec = attn if isinstance(attn, PackedAttention) else PackedAttention(attn)
-    if spec.implementation in VARLEN_PATHS and all(k in inputs for k in VARLEN_KEYS):
-        boundaries = {k: inputs[k] for k in VARLEN_KEYS}
-    else:
-        boundaries = spec.kwargs(inputs["position_ids"], dtype=torch.float32)
+    """Logits of a micro-batch of packed rows, each example attending only to its own earlier tokens."""
+    boundaries = example_boundaries(inputs, attn)
     # use_cache=False: with a KV cache transformers also drops its own packed-sequence detection (measured on 5.24).
     return model(
         input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False, **boundaries
@@ -472,6 +469,22 @@ def packed_logits(model, inputs: dict[str, Any], attn: PackedAttention | str) ->
 
 
 LOSS_CHUNK_ELEMENTS = 2**27  # logits per cross-entropy chunk: 512 MiB in fp32
+
+
+def example_boundaries(inputs: dict[str, Any], attn: PackedAttention | str) -> dict[str, Any]:
+    """The packed-example boundaries of a batch in the form its attention path takes.
+
+    On the flash paths the collator's cu_seq_lens and max lengths (computed on the host) are used as they are:
+    rebuilding them from position_ids on the GPU would cost two host syncs per micro-batch.
+
+    >>> batch = Collator(8, 0, padding_free=True)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "position_ids": [0, 1, 0]}])
+    >>> example_boundaries(batch, "flash_attention_2")["cu_seq_lens_q"] is batch["cu_seq_lens_q"]
+    True
+    """
+    spec = attn if isinstance(attn, PackedAttention) else PackedAttention(attn)
+    if spec.implementation in VARLEN_PATHS and all(k in inputs for k in VARLEN_KEYS):
+        return {k: inputs[k] for k in VARLEN_KEYS}
+    return spec.kwargs(inputs["position_ids"], dtype=torch.float32)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
