@@ -468,16 +468,14 @@ def packed_logits(model, inputs: dict[str, Any], attn: PackedAttention | str) ->
     ).logits
 
 
-LOSS_CHUNK_ELEMENTS = 2**27  # logits per cross-entropy chunk: 512 MiB in fp32
-
-
 def example_boundaries(inputs: dict[str, Any], attn: PackedAttention | str) -> dict[str, Any]:
     """The packed-example boundaries of a batch in the form its attention path takes.
 
     On the flash paths the collator's cu_seq_lens and max lengths (computed on the host) are used as they are:
     rebuilding them from position_ids on the GPU would cost two host syncs per micro-batch.
 
-    >>> batch = Collator(8, 0, padding_free=True)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "position_ids": [0, 1, 0]}])
+    >>> rows = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "position_ids": [0, 1, 0]}]
+    >>> batch = Collator(8, 0, padding_free=True)(rows)
     >>> example_boundaries(batch, "flash_attention_2")["cu_seq_lens_q"] is batch["cu_seq_lens_q"]
     True
     """
@@ -487,13 +485,18 @@ def example_boundaries(inputs: dict[str, Any], attn: PackedAttention | str) -> d
     return spec.kwargs(inputs["position_ids"], dtype=torch.float32)
 
 
+LOSS_CHUNK_ELEMENTS = 2**27  # logits per cross-entropy chunk: 512 MiB in fp32
+
+
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Cross-entropy of next-token predictions against unshifted HF labels (-100 ignored), in fp32.
 
     reduction="sum" (training and evaluation) works through chunks of about LOSS_CHUNK_ELEMENTS logits, each cast
-    to fp32 inside an activation checkpoint: at most one chunk of fp32 logits exists at a time, in the forward and
-    in the backward pass, where whole fp32 copies of batch x length x vocab logits would take about 17 GB each for
-    a 128k vocabulary at 8 x 4096. "none" gives the (batch, length - 1) per-token losses.
+    to fp32 on its own, and computes the gradient with respect to the logits in the same pass (softmax minus the
+    one-hot target, in the logits' dtype). Autograd then keeps that gradient instead of the logits, and no fp32
+    copy of all batch x length x vocab logits ever exists: such a copy takes about 17 GB for a 128k vocabulary at
+    8 x 4096, and the plain loss keeps two (the cast and the log-softmax). Its backward pass runs once.
+    "none" gives the (batch, length - 1) per-token losses.
 
     >>> logits, labels = torch.zeros(1, 3, 5), torch.tensor([[-100, 1, 2]])
     >>> round(token_losses(logits, labels).item(), 4)  # two tokens at log(5) each
@@ -506,21 +509,37 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "s
         return flat.view(labels.shape[0], -1)
     ignore = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
     targets = torch.cat([labels[:, 1:], ignore], dim=1).flatten()  # each position's next token; -100 at row ends
-    flat = logits.flatten(0, 1)  # a view: the logits are not copied, and their last position per row is ignored
-    chunk = max(1, LOSS_CHUNK_ELEMENTS // flat.shape[-1])
-    checkpointed = torch.is_grad_enabled() and flat.requires_grad
-    total = flat.new_zeros((), dtype=torch.float32)
-    for part, part_targets in zip(flat.split(chunk), targets.split(chunk)):
-        if checkpointed:
-            total = total + torch.utils.checkpoint.checkpoint(_loss_sum, part, part_targets, use_reentrant=False)
-        else:
-            total = total + _loss_sum(part, part_targets)
-    return total
+    return _ChunkedCrossEntropy.apply(logits.flatten(0, 1), targets)  # a view: the logits are not copied
 
 
-def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed fp32 cross-entropy of (tokens, vocab) logits against next-token targets."""
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of (tokens, vocab) logits, chunk by chunk, its gradient computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // logits.shape[-1])
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], chunk):
+            t = targets[start : start + chunk]
+            valid, index = (t != IGNORE_INDEX)[:, None], t.clamp(min=0)[:, None]
+            logp = torch.log_softmax(logits[start : start + chunk].float(), dim=-1)
+            total -= (logp.gather(1, index) * valid).sum()
+            if grad is not None:  # d(loss)/d(logits) = softmax - one_hot(target), zero where the target is ignored
+                probs = logp.exp_().scatter_add_(1, index, torch.full_like(index, -1, dtype=logp.dtype))
+                grad[start : start + chunk] = probs.mul_(valid)
+        ctx.save_for_backward(grad)
+        ctx.used = False
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        if ctx.used:
+            raise RuntimeError("token_losses: the backward pass of the summed loss runs once (retain_graph is not "
+                               "supported: its gradient is scaled in place)")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_output.to(grad.dtype)), None
 
 
 def token_loss_sum(model, inputs: dict[str, torch.Tensor], attn: PackedAttention | str) -> torch.Tensor:
@@ -958,7 +977,8 @@ def train_model(config: TrainConfig) -> dict[str, Any]:
     Args:
         config: a TrainConfig (every field is a `prep train` flag).
     Returns:
-        The metrics of the last step (step, loss, lr, tokens_per_s, ...) plus out_dir.
+        The metrics of the last step (step, loss, lr, tokens_per_s, ...) plus the attention path used
+        (attn_implementation: what `auto` chose) and out_dir.
     Raises:
         ShardError: unreadable shards. ConfigError: bad options, or an attention path that would mix packed
         examples. OutputExistsError: out_dir holds a run and neither --resume nor --overwrite is given.
@@ -1043,7 +1063,7 @@ def train_model(config: TrainConfig) -> dict[str, Any]:
             if config.save_every and (step % config.save_every == 0 or step == steps):
                 save_checkpoint(out_dir, step, position, raw_model, optimizer, config, d)
     save_final(out_dir, raw_model, tokenizer, d)
-    return {**metrics, "out_dir": str(out_dir)}
+    return {**metrics, "attn_implementation": attn.implementation, "out_dir": str(out_dir)}
 
 
 UNPACKED_PAD_MULTIPLE = 64  # unpacked shards: rows padded to the batch's longest, rounded up to this (few shapes)
