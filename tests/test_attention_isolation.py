@@ -22,6 +22,8 @@ flash attention detects them only for a single row), which is why the trainer pa
 from __future__ import annotations
 
 import copy
+import json
+import os
 
 import pytest
 import torch
@@ -109,6 +111,14 @@ def isolated_losses(model, rows) -> list[torch.Tensor]:
     return out
 
 
+def record(test: str, **figures) -> None:
+    """Append measured figures to the file PREP_ISOLATION_FIGURES names (benchmarks/gpu_check.py reports them)."""
+    path = os.environ.get("PREP_ISOLATION_FIGURES")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"test": test, **figures}) + "\n")
+
+
 def sdpa_twin(model):
     """An sdpa model with `model`'s weights, dtype and device: the independent reference for every path."""
     path = model.config._attn_implementation
@@ -167,7 +177,9 @@ def test_packed_rows_give_the_loss_of_each_example_alone(shards, rows, arch, att
     packed = [x.cpu() for x in packed_examples(token_losses(logits, inputs["labels"], "none"), rows, flash)]
     alone = [x.cpu() for x in isolated_losses(sdpa_twin(model), rows)]
     tolerance = 2e-2 if flash else 1e-4 if device == "cuda" else TOL  # flash runs in bf16; GPU fp32 kernels differ
-    assert max_difference(packed, alone, trained(rows)) < tolerance
+    difference = max_difference(packed, alone, trained(rows))
+    record(f"packed_vs_alone/{attn}/{arch}/{device}", max_difference=difference, below=tolerance)
+    assert difference < tolerance
 
 
 @NEEDS_CUDA_FOR_FLEX
@@ -185,7 +197,9 @@ def test_flex_attention_uses_the_block_mask_it_is_given(shards, rows):
                        attention_mask=causal).logits
     packed = [x.cpu() for x in split_packed(token_losses(logits, batch["labels"], "none"), rows)]
     alone = [x.cpu() for x in isolated_losses(sdpa_twin(model), rows)]
-    assert max_difference(packed, alone, trained(rows)) > LEAK
+    difference = max_difference(packed, alone, trained(rows))
+    record("leak_control/flex_attention/causal_only_mask/cuda", max_difference=difference, above=LEAK)
+    assert difference > LEAK
 
 
 def element_mask(mask, batch: int, length: int) -> torch.Tensor:
@@ -311,8 +325,11 @@ def test_sliding_window_models_keep_their_windows_inside_packed_rows(shards, row
         packed = split_packed(token_losses(packed_logits(model, batch, spec), batch["labels"], "none").cpu(), rows)
         full = split_packed(token_losses(packed_logits(model, batch, attn), batch["labels"], "none").cpu(), rows)
     tolerance = 1e-4 if device == "cuda" else TOL
-    assert max_difference(packed, alone, trained(rows)) < tolerance
-    assert max_difference(full, alone, trained(rows)) > LEAK  # the window matters here: dropping it is seen
+    difference, without_window = max_difference(packed, alone, trained(rows)), max_difference(full, alone, trained(rows))
+    record(f"sliding_window/{attn}/{arch}/{device}", max_difference=difference, below=tolerance,
+           without_window=without_window, without_window_above=LEAK)
+    assert difference < tolerance
+    assert without_window > LEAK  # the window matters here: dropping it is seen
 
 
 def test_layer_types_without_packed_boundaries_are_refused(shards):
