@@ -81,17 +81,27 @@ def test_an_explicit_gpu_index_under_torchrun_and_unknown_devices_are_refused():
         resolve_device("gpu")
 
 
-# --- 16.3 and 16.4: DDP then compile; FSDP2 gathers bf16 weights in a bf16 run ----------------------------------
+# --- 16.3 and 16.4: compiled layers inside DDP; FSDP2 gathers bf16 weights in a bf16 run -------------------------
 
 
-def test_ddp_is_wrapped_before_compile(one_rank_group):
+def test_compile_is_per_layer_inside_ddp_with_one_graph_for_all_layers(one_rank_group):
+    """DDP wraps the model whose layers are compiled in place: its gradient hooks stay outside the compiled graphs,
+    so all-reduces overlap the backward pass layer by layer; the layers share one graph; the keys do not change."""
+    from torch._dynamo.utils import counters
     from torch.nn.parallel import DistributedDataParallel
 
     model = tiny()
+    keys = list(model.state_dict())
     wrapped = train.wrap_model(model, TrainConfig(compile=True), Dist(0, 2, torch.device("cpu")))
-    assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule)
-    assert isinstance(wrapped._orig_mod, DistributedDataParallel) and wrapped._orig_mod.module is model
-    assert hasattr(wrapped, "no_sync")  # gradient accumulation still reaches DDP through the compiled wrapper
+    assert isinstance(wrapped, DistributedDataParallel) and wrapped.module is model
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert model.model.embed_tokens._compiled_call_impl is None  # the layers only
+    torch._dynamo.reset()
+    counters.clear()
+    ids = torch.randint(0, 257, (2, 32))
+    token_losses(wrapped(input_ids=ids, use_cache=False).logits, ids).backward()
+    assert counters["stats"]["unique_graphs"] == 1 and len(model.model.layers) == 4
+    assert list(model.state_dict()) == keys
 
 
 def test_fsdp2_in_bf16_gathers_bf16_weights_and_keeps_fp32_masters(one_rank_group):
