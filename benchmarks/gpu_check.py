@@ -13,9 +13,10 @@ passed. Budget on an H100/H200 (seconds; each step's timeout in brackets):
     train_padded_sdpa    the same on one example per row, padded to the batch (sdpa)        ~35   [120]
     tests                pytest on CUDA: flex/flash isolation (their max differences are
                          recorded), the flex and --compile training paths, torch_loop       ~120  [200]
+    train_packed_compile flash_attention_2 (flex_attention without flash-attn) + --compile,
+                         4 + 10 steps                                                       ~150  [240]
     train_packed_flex    as train_packed_sdpa with flex_attention (its kernels compile)    ~80   [150]
     train_packed_flash   with flash_attention_2, only where flash-attn is installed         ~40   [120]
-    train_packed_compile the fastest packed kernel above with --compile, 4 + 10 steps      ~150  [240]
                                                                      total budget (--budget-s)  450
 
 A step that would start with less than its minimum left is recorded as skipped (out of budget), never half-run.
@@ -40,10 +41,11 @@ SCHEMA = "prep-gpu-check/1"
 MFU_TARGET, SPEEDUP_TARGET = 0.40, 2.0
 TRAIN_STEPS = {"gpu": dict(warmup=3, steps=10), "cpu-smoke": dict(warmup=1, steps=2)}
 COMPILE_STEPS = {"gpu": dict(warmup=4, steps=10), "cpu-smoke": dict(warmup=1, steps=2)}
-GPU_TESTS = [
+GPU_TESTS = [  # the tests that run a GPU kernel (their CPU-only neighbours run in CI)
     "tests/test_attention_isolation.py",
     "tests/test_train.py::test_checkpointing_compile_and_other_attention_paths_train_like_the_default",
     "tests/test_trainer_recipes.py::test_torch_loop_recipe_learns",
+    "-k", "flex or flash or compile or torch_loop",
 ]
 # On a CPU (--cpu-smoke): one isolation test that runs (sdpa) and one that is skipped without CUDA (flex)
 SMOKE_TESTS = ["tests/test_attention_isolation.py::test_packed_rows_give_the_loss_of_each_example_alone",
@@ -273,29 +275,25 @@ def plan(inputs: Path, work: Path, mode: str, flash: bool) -> list[Step | tuple[
     """The steps in order of importance; (name, reason) for a step this machine cannot run."""
     gpu = mode == "gpu"
     no_cuda = "needs CUDA (the flex and flash kernels run only there; prep refuses flex_attention on the CPU)"
+    no_flash = "flash-attn is not installed" if gpu else no_cuda
+    fast = "flash_attention_2" if flash else "flex_attention"  # kernels that skip the attention between examples
     steps: list[Step | tuple[str, str]] = [
         train_step("train_packed_sdpa", inputs, work, mode, "packed", "sdpa"),
         train_step("train_padded_sdpa", inputs, work, mode, "padded", "sdpa"),
         tests_step(inputs, work, 200, GPU_TESTS if gpu else SMOKE_TESTS),
-        train_step("train_packed_flex", inputs, work, mode, "packed", "flex_attention", timeout_s=150, min_s=60)
-        if gpu else ("train_packed_flex", no_cuda),
     ]
-    if gpu and flash:
-        steps.append(train_step("train_packed_flash", inputs, work, mode, "packed", "flash_attention_2"))
+    if gpu:
+        steps += [
+            train_step("train_packed_compile", inputs, work, mode, "packed", fast, compile_model=True, timeout_s=240,
+                       min_s=90),
+            train_step("train_packed_flex", inputs, work, mode, "packed", "flex_attention", timeout_s=150, min_s=60),
+            train_step("train_packed_flash", inputs, work, mode, "packed", "flash_attention_2") if flash
+            else ("train_packed_flash", no_flash),
+        ]
     else:
-        steps.append(("train_packed_flash", "flash-attn is not installed" if gpu else no_cuda))
-    steps.append(("train_packed_compile", "the fastest packed kernel, chosen after the runs above"))
+        steps += [("train_packed_compile", "a CPU compile of the model takes minutes; tests/test_train.py[compile] "
+                   "covers the path on the CPU"), ("train_packed_flex", no_cuda), ("train_packed_flash", no_cuda)]
     return steps
-
-
-def compile_step(check: Check, inputs: Path, work: Path, mode: str) -> Step | None:
-    """--compile on the packed kernel with the most useful tokens/s so far (sdpa when none ran)."""
-    done = {name: rec["figures"] for name, rec in check.result["steps"].items()
-            if name.startswith("train_packed_") and "figures" in rec}
-    kernel = max(done, key=lambda n: done[n]["packed"]["tokens_per_s"]).removeprefix("train_packed_") if done else "sdpa"
-    attn = {"sdpa": "sdpa", "flex": "flex_attention", "flash": "flash_attention_2"}[kernel]
-    return train_step("train_packed_compile", inputs, work, mode, "packed", attn, compile_model=True, timeout_s=240,
-                      min_s=90 if mode == "gpu" else 20)
 
 
 def main() -> None:
@@ -329,15 +327,9 @@ def main() -> None:
         sys.exit("error: no CUDA device seen by torch (see gpu_check.log); --cpu-smoke runs the steps on a CPU")
     for step in plan(args.inputs, work, mode, bool(info.get("flash_attention_2"))):
         if isinstance(step, tuple):
-            if step[0] != "train_packed_compile":
-                check.skip(*step)
-            continue
-        check.run(step)
-    if mode == "gpu":
-        check.run(compile_step(check, args.inputs, work, mode))
-    else:
-        check.skip("train_packed_compile", "a CPU compile of the model takes minutes; tests/test_train.py[compile] "
-                   "covers the path on the CPU")
+            check.skip(*step)
+        else:
+            check.run(step)
     summary = summarize(check.result)
     check.save(summary=summary, finished=_now())
     print(json.dumps(summary, indent=2))

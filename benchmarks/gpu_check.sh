@@ -9,12 +9,13 @@
 # Budget (benchmarks/gpu_check.py's header has it per step): unpacking ~2 s, 450 s of steps, each step in its own
 # process with its own timeout; a step that fails or hangs is killed and recorded, the others still run, and
 # gpu_check.json is rewritten after every step. The whole script is stopped at 480 s whatever happens.
-# Exit code: 0 when every step that ran passed, 1 otherwise (or when the inputs are missing).
+# Exit code: 0 when every step that ran passed, 1 otherwise (or when the inputs are missing). Arguments are passed
+# on to gpu_check.py: `bash benchmarks/gpu_check.sh --cpu-smoke` runs the same steps, tiny, on a CPU.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-check}
 inputs=${TMPDIR:-/tmp}/prep-gpu-inputs
-archive=.device/gpu-inputs.tar.gz
+archive=${PREP_GPU_INPUTS:-.device/gpu-inputs.tar.gz}  # another archive: PREP_GPU_INPUTS=path (the CPU test)
 mkdir -p "$out"
 if [ ! -f "$archive" ]; then
     echo "error: $archive not found: run \`python benchmarks/gpu_prepare.py\` on a machine with ../shared, and carry .device" >&2

@@ -60,26 +60,36 @@ def test_missing_inputs_are_one_clear_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "error:" in proc.stderr and "gpu_prepare.py" in proc.stderr
     assert "Traceback" not in proc.stderr
+    env = {"PATH": "/usr/bin:/bin", "PREP_GPU_INPUTS": str(tmp_path / "none.tar.gz"), "OUT": str(tmp_path / "o")}
+    shell = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                           env=env, timeout=60)
+    assert shell.returncode == 1 and shell.stderr.startswith("error: ") and "gpu_prepare.py" in shell.stderr
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, shared_data):
-    """gpu_prepare.py --smoke, then gpu_check.py --cpu-smoke on its unpacked archive."""
+    """gpu_prepare.py --smoke, then `bash benchmarks/gpu_check.sh --cpu-smoke` on its archive, as on a GPU machine
+    (python3 first on the PATH is this interpreter; the tests read only what the archive holds)."""
     root = tmp_path_factory.mktemp("gpu_check")
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PREP_SHARED_DATA": str(shared_data)}
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PREP_SHARED_DATA": str(shared_data), "TMPDIR": str(root)}
     prepare = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_prepare.py"), "--smoke", "--out",
                               str(root)], capture_output=True, text=True, env=env, timeout=600)
     assert prepare.returncode == 0, prepare.stderr[-3000:]
-    with tarfile.open(root / "gpu-inputs.tar.gz") as tar:
-        tar.extractall(root / "inputs", filter="data")
-    env["PREP_SHARED_DATA"] = str(root / "inputs" / "data")  # as on a GPU machine: only what the archive holds
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--inputs", str(root / "inputs"), "--out",
-                           str(root / "out")], capture_output=True, text=True, env=env, timeout=900)
+    env.update(PREP_GPU_INPUTS=str(root / "gpu-inputs.tar.gz"), OUT=str(root / "out"))
+    del env["PREP_SHARED_DATA"]  # gpu_check.sh points it at the unpacked archive
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke"], capture_output=True,
+                          text=True, env=env, timeout=900)
     return root, proc
 
 
 def test_prepared_inputs_hold_the_shards_and_the_test_data(smoke):
     root, _ = smoke
+    with tarfile.open(root / "gpu-inputs.tar.gz") as tar:
+        tar.extractall(root / "inputs", filter="data")
     prepared = json.loads((root / "inputs" / "prepared.json").read_text())
     assert prepared["packed"]["tokens"] == prepared["padded"]["tokens"] > 0
     assert prepared["padded"]["rows"] == prepared["padded"]["examples"] > prepared["packed"]["rows"]
@@ -97,8 +107,8 @@ def test_cpu_smoke_writes_one_json_of_every_step(smoke):
     assert result["schema"] == "prep-gpu-check/1" and result["mode"] == "cpu-smoke"
     assert result["env"]["torch"] and result["env"]["cuda_available"] is False
     steps = result["steps"]
-    assert list(steps) == ["env", "train_packed_sdpa", "train_padded_sdpa", "tests", "train_packed_flex",
-                           "train_packed_flash", "train_packed_compile"]
+    assert list(steps) == ["env", "train_packed_sdpa", "train_padded_sdpa", "tests", "train_packed_compile",
+                           "train_packed_flex", "train_packed_flash"]
     for name, rows in (("train_packed_sdpa", "packed"), ("train_padded_sdpa", "padded")):
         run = steps[name]["figures"][rows]
         assert steps[name]["status"] == "passed" and run["kernel"] == "sdpa" and run["timed_steps"] == 2
