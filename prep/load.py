@@ -362,10 +362,10 @@ def _mask(position_ids: torch.Tensor, attn_implementation: str, dtype: torch.dty
     return block_causal_mask(position_ids, torch.bool if attn_implementation == "sdpa" else dtype, window)
 
 
-FLEX_ON_CPU = (
-    "flex_attention runs only on CUDA here: PyTorch's compiled CPU flex_attention kernel returns wrong values on "
-    "some CPUs (measured on AVX2 machines without AVX-512: errors near 1 or NaN for sequence lengths of 8 mod 16, "
-    "torch 2.13) and has no backward; use sdpa on the CPU (the same block-diagonal mask as a dense tensor)"
+FLEX_ON_CPU = (  # why, for the messages that refuse flex_attention off CUDA
+    "PyTorch's compiled CPU flex_attention kernel returns wrong values on some CPUs (measured on AVX2 machines "
+    "without AVX-512: errors near 1 or NaN for sequence lengths of 8 mod 16, torch 2.13) and has no backward; use "
+    "sdpa on the CPU (the same block-diagonal mask as a dense tensor)"
 )
 
 
@@ -375,7 +375,7 @@ def check_flex_device(device: torch.device | str) -> None:
     >>> check_flex_device("cuda:0")
     """
     if torch.device(device).type != "cuda":
-        raise ConfigError(FLEX_ON_CPU)
+        raise ConfigError(f"flex_attention runs only on CUDA: {FLEX_ON_CPU}")
 
 
 ALL_LAYERS = "*"  # the key of `attention_windows` when every layer has the same window

@@ -73,7 +73,8 @@ def smoke(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("gpu_check")
     bin_dir = root / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python3").symlink_to(sys.executable)
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a link would leave the venv
+    (bin_dir / "python3").chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PREP_SHARED_DATA": str(shared_data), "TMPDIR": str(root)}
     prepare = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_prepare.py"), "--smoke", "--out",
