@@ -89,6 +89,9 @@ def pack(
     overflow: Annotated[Optional[str], typer.Option(help="split | truncate | drop; default split.")] = None,
     pack: Annotated[Optional[bool], typer.Option("--pack/--no-pack", help="Pack several examples per row.",
                                                  show_default="pack")] = None,
+    pad_to_multiple_of: Annotated[Optional[int], typer.Option(
+        "--pad-to-multiple-of", help="Pad every example (masked, positions continuing) to a multiple of N tokens, "
+        "for context parallelism (N = 2 x CP size); default 1 (no padding).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the row shuffle, split and weights; default 0.")] = None,
     shard_size: Annotated[Optional[str], typer.Option("--shard-size", help="Target shard size; default 256MB.")] = None,
     add_special_tokens: Annotated[Optional[bool], typer.Option(
