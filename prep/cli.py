@@ -123,6 +123,30 @@ def pack(
 
 
 @app.command()
+def export(
+    shards: Annotated[str, typer.Argument(help="Shard folder written by `prep pack` (every split is exported).")],
+    to: Annotated[str, typer.Option("--to", help="megatron | mds | parquet.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder of the export.")],
+    mds_shard_size: Annotated[str, typer.Option("--mds-shard-size", help="Size limit of each MDS shard file.")] = "64MiB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export folder.")] = False,
+) -> None:
+    """Export shards for Megatron (indexed dataset + Megatron-Bridge packed Parquet), MosaicML Streaming, Parquet."""
+    flags = dict(locals())
+    from rich.console import Console
+
+    from prep.errors import flag_error
+    from prep.export import export_shards, render_export
+    from pydantic import ValidationError
+    from schemas.export_config import ExportConfig
+
+    try:
+        config = ExportConfig(**flags)
+    except ValidationError as e:
+        raise flag_error(e) from None
+    Console().print(render_export(export_shards(config)))
+
+
+@app.command()
 def inspect(
     path: Annotated[str, typer.Argument(help="A shard folder, or an input file with --record.")],
     row: Annotated[int, typer.Option(help="Row to show (0-based, over all shards).")] = 0,
