@@ -4,10 +4,10 @@ mosaicml-streaming 0.13 pins transformers<5 and numpy<2.2, so it stays out of th
 venv (`.venv/streaming` by default, made by `make test` or on first use) holds only streaming and the
 small packages its import needs, installed without their pins; torch, numpy, transformers, pyarrow and prep
 itself come from the project's venv through a `.pth` file. One more thing: `import streaming` imports
-its vision datasets, hence torchvision, and the registry's torchvision wheels are built against CUDA
-torch and do not load beside the CPU torch used here ("operator torchvision::nms does not exist"). The
-venv therefore gets a stand-in `torchvision` holding just the two names streaming.vision imports (they
-raise if called). Nothing of streaming's own MDS reading is replaced.
+its image datasets (`streaming.vision`), hence torchvision, and the registry's torchvision wheels are built
+against CUDA torch and do not load beside the CPU torch used here ("operator torchvision::nms does not
+exist"). In this venv `streaming/vision/__init__.py` is therefore emptied (a stand-in torchvision would make
+transformers believe torchvision is usable). Nothing of streaming's own MDS reading (streaming.base) changes.
 
     python tests/_streaming_env.py [.venv/streaming]     # build it (idempotent)
 """
@@ -26,14 +26,7 @@ STREAMING = "mosaicml-streaming==0.13.0"
 # what `import streaming` needs beyond the project's packages (its setup.py ranges)
 EXTRAS = ["Brotli>=1.0.9", "python-snappy>=0.6.1,<1", "cramjam", "zstd>=1.5.2.5,<2", "xxhash>=3,<5",
           "catalogue>=2,<3", "pillow"]
-STAND_IN = {
-    "torchvision/__init__.py": '"""Stand-in: only what streaming.vision imports (see tests/_streaming_env.py)."""\n',
-    "torchvision/datasets.py": "class VisionDataset:\n    def __init__(self, *args, **kwargs):\n"
-                               "        raise NotImplementedError('torchvision stand-in: vision datasets are not available')\n",
-    "torchvision/transforms/__init__.py": "",
-    "torchvision/transforms/functional.py": "def to_tensor(*args, **kwargs):\n"
-                                            "    raise NotImplementedError('torchvision stand-in')\n",
-}
+VISION_INIT = '"""Emptied in this side venv (tests/_streaming_env.py): its image datasets import torchvision."""\n'
 
 
 def python(venv: Path = DEFAULT) -> Path:
@@ -55,9 +48,7 @@ def build(venv: Path = DEFAULT) -> None:
     pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
            "--disable-pip-version-check", "--no-deps"]
     subprocess.run([*pip, STREAMING, *EXTRAS], check=True, env=os.environ | {"PIP_NO_INPUT": "1"})
-    for name, text in STAND_IN.items():
-        (site / name).parent.mkdir(parents=True, exist_ok=True)
-        (site / name).write_text(text)
+    (site / "streaming" / "vision" / "__init__.py").write_text(VISION_INIT)
     subprocess.run([str(venv / "bin" / "python"), "-c", "import streaming"], check=True)
     (venv / ".complete").write_text(STREAMING + "\n")
 

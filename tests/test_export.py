@@ -325,3 +325,21 @@ def test_cli_export_and_its_errors(gpt2_unpacked, tmp_path):
     assert missing.returncode == 1 and "manifest.json" in missing.stderr and not (tmp_path / "y").exists()
     inside = cli("export", str(gpt2_unpacked), "--to", "mds", "-o", str(gpt2_unpacked / "mds"), cwd=tmp_path)
     assert inside.returncode == 1 and "inside the shard folder" in inside.stderr
+
+
+def test_streaming_recipe_trains_from_a_remote(tmp_path, shared_data):
+    """examples/trainers/streaming_mds.py, run as a user runs it (streaming's env), streaming the export."""
+    records = json.loads((shared_data / "alpaca" / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:200]
+    (tmp_path / "alpaca.json").write_text(json.dumps(records))
+    shards = pack(tmp_path / "shards", tmp_path / "alpaca.json", None, max_len=256, overflow="truncate")
+    export_shards(ExportConfig(shards=str(shards), to="mds", output=str(tmp_path / "mds")))
+    script = Path(__file__).resolve().parents[1] / "examples" / "trainers" / "streaming_mds.py"
+    run = subprocess.run([str(_streaming_env.python()), str(script), str(tmp_path / "mds" / "manifest.json"),
+                          "--remote", str(tmp_path / "mds"), "--local", str(tmp_path / "cache"), "--max-steps", "10",
+                          "--batch-size", "2"], capture_output=True, text=True, timeout=600,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    losses = result["losses"]
+    assert len(losses) == 10 and all(np.isfinite(losses)) and sum(losses[-3:]) / 3 < losses[0] - 0.3
+    assert result["rows"] == load_shards(shards).num_rows and max(result["examples_per_row"]) >= 3
