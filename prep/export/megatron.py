@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -103,15 +104,22 @@ def write(source, out: Path, config) -> dict[str, Any]:
     pad_id = eos if eos is not None else source.manifest["tokenizer"].get("pad_token_id") or 0
     (out / BRIDGE_DIR).mkdir()
     n = len(source.files)
-    for i, file in enumerate(source.files):
-        name = out / BRIDGE_DIR / f"data-{i:05d}-of-{n:05d}.idx.parquet"
-        with pq.ParquetWriter(name, _BRIDGE_SCHEMA, compression="zstd", use_dictionary=False,
-                              write_statistics=False) as bridge:
-            for batch in source.batches(file):
-                trained = (batch.labels != -100).astype(np.uint8)
-                tokens.add(batch.input_ids, batch.seq_lengths, batch.example_offsets)
-                mask.add(trained, batch.seq_lengths, batch.example_offsets)
-                bridge.write_table(bridge_rows(batch, source.pad_multiple, pad_id), row_group_size=BRIDGE_ROW_GROUP)
+    # Parquet encoding is the slow part and releases the GIL: it runs in a thread, one batch behind the rest.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for i, file in enumerate(source.files):
+            name = out / BRIDGE_DIR / f"data-{i:05d}-of-{n:05d}.idx.parquet"
+            with pq.ParquetWriter(name, _BRIDGE_SCHEMA, compression="zstd", use_dictionary=False,
+                                  write_statistics=False) as bridge:
+                pending = None
+                for batch in source.batches(file):
+                    rows = bridge_rows(batch, source.pad_multiple, pad_id)
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(bridge.write_table, rows, row_group_size=BRIDGE_ROW_GROUP)
+                    tokens.add(batch.input_ids, batch.seq_lengths, batch.example_offsets)
+                    mask.add((batch.labels != -100).view(np.uint8), batch.seq_lengths, batch.example_offsets)
+                if pending is not None:
+                    pending.result()
     return {
         "tokens": tokens.finish() | {"prefix": "tokens"},
         "loss_mask": mask.finish() | {"prefix": "loss_mask"},
@@ -133,17 +141,22 @@ def bridge_rows(batch, multiple: int, pad_id: int) -> pa.Table:
     [{'input_ids': [5, 6, 7, 8], 'loss_mask': [1, 0, 1, 0], 'seq_start_id': [0, 2]}]
     """
     seq, real = batch.seq_lengths.astype(np.int64), batch.real_lengths.astype(np.int64)
-    pos = concat_ranges(np.cumsum(seq) - seq, real)  # the real tokens, without prep's padding
-    ids, trained = batch.input_ids[pos], (batch.labels[pos] != -100)
+    ids, labels = batch.input_ids, batch.labels
+    if batch.real_lengths is not batch.seq_lengths:  # drop prep's padding: Bridge pads its own way
+        pos = concat_ranges(np.cumsum(seq) - seq, real)
+        ids, labels = ids[pos], labels[pos]
     starts = np.cumsum(real) - real
     rolled = np.zeros(len(ids), dtype=np.int8)
-    rolled[:-1] = trained[1:]
+    rolled[:-1] = labels[1:] != -100
     rolled[starts + real - 1] = 0  # the last token of an example predicts nothing in it
-    stored = real if multiple == 1 else -(-(real - 1) // multiple) * multiple + 1
-    where = concat_ranges(np.cumsum(stored) - stored, real)
-    out_ids = np.full(int(stored.sum()), pad_id, dtype=np.int32)
-    out_mask = np.zeros(len(out_ids), dtype=np.int8)
-    out_ids[where], out_mask[where] = ids, rolled
+    stored = real
+    out_ids, out_mask = ids, rolled
+    if multiple > 1:
+        stored = -(-(real - 1) // multiple) * multiple + 1
+        where = concat_ranges(np.cumsum(stored) - stored, real)
+        out_ids = np.full(int(stored.sum()), pad_id, dtype=np.int32)
+        out_mask = np.zeros(len(out_ids), dtype=np.int8)
+        out_ids[where], out_mask[where] = ids, rolled
     row_offsets = np.concatenate(([0], np.cumsum(stored)))[batch.example_offsets]
     starts_in_row = (np.cumsum(stored) - stored) - np.repeat(row_offsets[:-1], np.diff(batch.example_offsets))
     return pa.Table.from_arrays(
