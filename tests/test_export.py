@@ -343,3 +343,45 @@ def test_streaming_recipe_trains_from_a_remote(tmp_path, shared_data):
     losses = result["losses"]
     assert len(losses) == 10 and all(np.isfinite(losses)) and sum(losses[-3:]) / 3 < losses[0] - 0.3
     assert result["rows"] == load_shards(shards).num_rows and max(result["examples_per_row"]) >= 3
+
+
+def readme_snippets() -> dict[str, str]:
+    """The README's `<!-- snippet: NAME -->` python blocks."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    return dict(re.findall(r"<!-- snippet: (\w+) -->\n```python\n(.*?)```", text, re.S))
+
+
+def test_readme_snippets(qwen_padded, tmp_path, monkeypatch):
+    """Every loading snippet of the README's export section, run as written in a folder with shards/ and exports."""
+    snippets = readme_snippets()
+    assert sorted(snippets) == ["cu_seqlens", "mds", "megatron", "parquet"]
+    (tmp_path / "shards").symlink_to(qwen_padded)
+    for fmt in FORMATS:
+        export_shards(ExportConfig(shards=str(qwen_padded), to=fmt, output=str(tmp_path / fmt)))
+    monkeypatch.chdir(tmp_path)
+    source, rows = examples(qwen_padded)
+    first_row = next(iter_rows(load_shards(qwen_padded)))
+
+    ns: dict = {}
+    exec(snippets["megatron"], ns)
+    assert np.array_equal(ns["ids"], source[0][0]) and np.array_equal(ns["trained"], source[0][1] != -100)
+    assert ns["rows"].tolist() == np.concatenate(([0], np.cumsum(rows))).tolist()
+
+    ns = {}
+    exec(snippets["parquet"], ns)
+    assert len(ns["rows"]) == len(rows) and ns["rows"][0]["input_ids"] == first_row["input_ids"].tolist()
+
+    ns = {}
+    exec(snippets["cu_seqlens"], ns)
+    real, padded = first_row["seq_lengths_unpadded"], first_row["seq_lengths"]
+    assert ns["cu_seqlens"].tolist() == [0, *np.cumsum(real).tolist()]
+    assert ns["cu_seqlens_padded"].tolist() == [0, *np.cumsum(padded).tolist()]
+
+    code = snippets["mds"] + "\nimport json\nprint(json.dumps({k: v.tolist() for k, v in row.items()}))\n"
+    run = subprocess.run([str(_streaming_env.python()), "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads(run.stdout.strip().splitlines()[-1])
+    assert row == {k: v.tolist() for k, v in first_row.items()}
