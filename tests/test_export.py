@@ -385,3 +385,27 @@ def test_readme_snippets(qwen_padded, tmp_path, monkeypatch):
     assert run.returncode == 0, run.stderr[-2000:]
     row = json.loads(run.stdout.strip().splitlines()[-1])
     assert row == {k: v.tolist() for k, v in first_row.items()}
+
+
+@pytest.fixture(scope="module")
+def synthetic_pair(tmp_path_factory) -> list[Path]:
+    """Valid packed shards of 3M and 30M tokens (prep's writer, random examples)."""
+    from _packed import build_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    for tokens in (3_000_000, 30_000_000):
+        build_synthetic(root / str(tokens), n_tokens=tokens)
+    return [root / "3000000", root / "30000000"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_memory_is_flat(synthetic_pair, tmp_path, fmt):
+    """Peak RSS of `prep export` subprocesses on 3M and 30M tokens: within 1.3x (the data is 10x)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale", Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    peaks = [scale.run_measured(["export", str(shards), "--to", fmt, "-o", str(tmp_path / shards.name),
+                                 "--mds-shard-size", "8MiB"]).peak_mib for shards in synthetic_pair]
+    assert peaks[1] <= 1.3 * peaks[0], peaks

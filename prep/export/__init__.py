@@ -1,6 +1,6 @@
 """`prep export`: shard folder → the formats other trainers read (Megatron, MosaicML MDS, Parquet).
 
-The shards are read record batch by record batch from their memory maps (bounded memory), while the
+The shards are read record batch by record batch (memory holds a few batches, whatever the size), while the
 sha256 of every source file is computed in a thread and compared with the source manifest: an export is
 made only from exactly the bytes `prep pack` wrote. Everything is written into a temporary folder beside
 the output and renamed into place at the end, with `manifest.json` last (prep.write.staging_dir), so a
@@ -84,8 +84,12 @@ class Source:
             return pa.ipc.open_stream(source).schema
 
     def batches(self, file: str) -> Iterator[RowBatch]:
-        """The record batches of one shard file, memory-mapped, as RowBatch."""
-        with pa.memory_map(str(self.path / file)) as source:
+        """The record batches of one shard file as RowBatch, read one at a time.
+
+        Read, not memory-mapped: every page of a map that has been touched counts in the process's RSS until
+        the map closes, so mapping a 256 MB shard would hold 256 MB; reading holds one batch.
+        """
+        with pa.OSFile(str(self.path / file)) as source:
             for batch in pa.ipc.open_stream(source):
                 yield row_batch(batch)
 
@@ -136,9 +140,14 @@ def export_shards(config: ExportConfig) -> ExportReport:
         ConfigError: the output is inside the shard folder.
     """
     from prep.export import megatron, mds, parquet
+    from prep.write import parse_size
 
     writers = {"megatron": megatron.write, "mds": mds.write, "parquet": parquet.write}
     shards, out = Path(config.shards), Path(config.output)
+    try:
+        parse_size(config.mds_shard_size)
+    except ConfigError:
+        raise ConfigError(f"invalid --mds-shard-size {config.mds_shard_size!r}: expected a size such as 64MiB") from None
     if out.resolve().is_relative_to(shards.resolve()):
         raise ConfigError(f"--output {out} lies inside the shard folder {shards}: choose a folder outside it")
     names = split_names(shards)
