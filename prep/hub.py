@@ -202,10 +202,11 @@ def _split_files(ref: HubRef, root: Path, configs: Any, subset: str | None, spli
     name, params = _subset(ref, root, configs, subset, where)
     base = root / params["data_dir"] if params.get("data_dir") else root
     try:
-        patterns = (sanitize_patterns(params["data_files"]) if params.get("data_files") is not None
-                    else get_data_patterns(str(base)))
+        found = (sanitize_patterns(params["data_files"]) if params.get("data_files") is not None
+                 else get_data_patterns(str(base)))
     except (EmptyDatasetError, FileNotFoundError):
         raise InputError(f"subset {name!r} holds no data files", path=where) from None
+    patterns = {str(split_name): value for split_name, value in found.items()}  # datasets' NamedSplit keys -> str
     files: list[str] = []
     for one in _splits(patterns, split, name, where):
         try:

@@ -39,7 +39,7 @@ SPLITS_FILE = "dataset_dict.json"
 STREAM_BLOCK = 8 << 20  # bytes fetched per request while streaming an input: bounded memory, few round trips
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://")
 _USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]*@")
-_QUERY_VALUE = re.compile(r"([?&][^=&#\s/]+=)[^&#\s'\"]*")
+_QUERY_VALUE = re.compile(r"([?&][^=&#\s/]+=)(?:\*\*\*|[^&#\s'\"]*)")  # "***" first: masking twice is a no-op
 # scheme -> (package that fsspec needs for it, the prep-sft extra that installs it)
 PACKAGES = {
     "s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"),
@@ -87,6 +87,8 @@ def redact(text: str) -> str:
 
     >>> redact("https://me:secret@host/a.jsonl?sig=abc&se=2030 failed")
     'https://***@host/a.jsonl?sig=***&se=*** failed'
+    >>> redact("https://***@host/a.jsonl?sig=***: not found")
+    'https://***@host/a.jsonl?sig=***: not found'
     """
     return _QUERY_VALUE.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
@@ -351,7 +353,7 @@ def commit_order(names: list[str]) -> list[str]:
     """Relative file names in upload order: data first, then manifests from the deepest up (the top one last).
 
     >>> commit_order(["manifest.json", "train/manifest.json", "train/data-0.arrow", "dataset_dict.json"])
-    ['dataset_dict.json', 'train/data-0.arrow', 'train/manifest.json', 'manifest.json']
+    ['train/data-0.arrow', 'dataset_dict.json', 'train/manifest.json', 'manifest.json']
     """
     return sorted(names, key=lambda n: (posixpath.basename(n) == MANIFEST, -n.count("/"), n))
 

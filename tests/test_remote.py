@@ -306,8 +306,8 @@ def test_a_missing_store_package_names_the_extra(tmp_path):
 
 
 def test_a_connection_dropped_mid_read_is_one_line_and_leaves_no_output(tmp_path, shared_data):
-    """Kill the S3 server while `prep convert` streams a 16 MB input: exit 1, one line naming the URL, no output."""
-    body = (shared_data / "sharegpt" / "sharegpt_zh_1K_format.jsonl").read_bytes() * 4
+    """Kill the S3 server while `prep convert` streams a 49 MB input: exit 1, one line naming the URL, no output."""
+    body = (shared_data / "sharegpt" / "sharegpt_zh_1K_format.jsonl").read_bytes() * 12
     with MotoServer() as server:
         server.client().create_bucket(Bucket=BUCKET)
         server.client().put_object(Bucket=BUCKET, Key="big.jsonl", Body=body)
