@@ -134,19 +134,37 @@ def commit_of(url: str) -> str | None:
 
 def _listing(ref: HubRef) -> tuple[str, list[str], Path]:
     """(commit, every file path of the repo at that commit, the local snapshot folder holding the card)."""
-    from huggingface_hub import get_cached_repo_tree, snapshot_download
-    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+    from huggingface_hub import snapshot_download
 
     url = f"hf://datasets/{ref.repo}" + (f"@{ref.revision}" if ref.revision else "")
     with _hub_errors(url, ref), _quiet_hub_logs():
         snapshot = Path(snapshot_download(ref.repo, repo_type="dataset", revision=ref.revision,
                                           allow_patterns=REPO_FILES))
-    commit = snapshot.name
-    try:
-        files = [f.path for f in get_cached_repo_tree(ref.repo, repo_type="dataset", revision=commit)]
-    except CachedRepoTreeNotFoundError:  # a cache written without the listing: the files it holds are all we know
+        commit = snapshot.name
+        files = _cached_listing(ref, commit)
+    if files is None:  # a cache written without the listing: the files it holds are all we know
         files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
     return commit, sorted(files), snapshot
+
+
+def _cached_listing(ref: HubRef, commit: str) -> list[str] | None:
+    """The repo's file listing at `commit` as snapshot_download cached it (None when it is not cached). Before
+    huggingface_hub cached listings, online runs ask the Hub for it."""
+    from huggingface_hub import constants
+
+    try:
+        from huggingface_hub import get_cached_repo_tree
+        from huggingface_hub.errors import CachedRepoTreeNotFoundError
+    except ImportError:  # an older huggingface_hub
+        if constants.HF_HUB_OFFLINE:
+            return None
+        from huggingface_hub import HfApi
+
+        return HfApi().list_repo_files(ref.repo, repo_type="dataset", revision=commit)
+    try:
+        return [f.path for f in get_cached_repo_tree(ref.repo, repo_type="dataset", revision=commit)]
+    except CachedRepoTreeNotFoundError:
+        return None
 
 
 def _card_configs(ref: HubRef, snapshot: Path) -> Any:

@@ -129,7 +129,7 @@ def missing_package(url: str) -> ConfigError:
 
 
 def filesystem(url: str) -> tuple[Any, str]:
-    """The fsspec filesystem for `url` and the path inside it.
+    """The fsspec filesystem for `url` and the path inside it, with no stale listing cached.
 
     Raises:
         ConfigError: fsspec or the store's package is missing, or the scheme is unknown.
@@ -139,12 +139,14 @@ def filesystem(url: str) -> tuple[Any, str]:
     except ImportError:
         raise missing_package(url) from None
     try:
-        return url_to_fs(real(url))
+        fs, path = url_to_fs(real(url))
     except ImportError:
         raise missing_package(url) from None
     except ValueError as e:
         raise ConfigError(f"{display(url)}: unsupported URL ({redact(str(e))}); "
                           "use s3://, gs://, az://, https:// or hf://datasets/ORG/NAME") from None
+    fs.invalidate_cache()  # fsspec instances are shared and cache listings: another writer may have changed the store
+    return fs, path
 
 
 def remote_error(url: str, error: BaseException, *, writing: bool = False, kind: type[PrepError] = InputError,

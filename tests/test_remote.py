@@ -224,6 +224,50 @@ def test_split_outputs_go_to_the_store_with_their_manifests_last(s3, tmp_path, s
     assert order[-3:] == ["train/manifest.json", "validation/manifest.json", "manifest.json"]
 
 
+def test_ctrl_c_during_the_upload_removes_the_temporary_prefix(s3, tmp_path, shared_data):
+    args = (str(shared_data / "alpaca" / "alpaca_en_demo.json"), "--max-len", "512", "--shard-size", "100KB")
+    full = dict(os.environ, HF_HUB_OFFLINE="1", **s3.env)
+    process = subprocess.Popen([sys.executable, "-m", "prep", "pack", *args, "-o", f"s3://{BUCKET}/int/shards"],
+                               cwd=tmp_path, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not s3.keys(BUCKET, "int/"):
+        assert process.poll() is None and time.monotonic() < deadline, "pack ended before it was interrupted"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and err.strip() == "interrupted; no output written"
+    assert s3.keys(BUCKET, "int/") == []
+
+
+def test_parquet_and_arrow_objects_are_read_like_local_files(s3, tmp_path, shared_data):
+    """Parquet (by range requests) and Arrow IPC objects give the rows their local copies give."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from prep.read import read_rows
+
+    rows = json.loads((shared_data / "alpaca" / "alpaca_zh_demo.json").read_text())
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, tmp_path / "zh.parquet", row_group_size=100)
+    with pa.OSFile(str(tmp_path / "zh.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=128)
+    for name in ("zh.parquet", "zh.arrow"):
+        s3.client().upload_file(str(tmp_path / name), BUCKET, f"formats/{name}")
+        local = [(r.line, r.payload) for r in read_rows([str(tmp_path / name)])]
+        remote = list(read_rows([f"s3://{BUCKET}/formats/{name}"]))
+        assert [(r.line, r.payload) for r in remote] == local and len(local) == 1000
+        assert {r.path for r in remote} == {f"s3://{BUCKET}/formats/{name}"}
+
+
+def test_the_fsspec_endpoint_variable_works_too(s3, tmp_path):
+    env = {k: v for k, v in s3.env.items() if k != "AWS_ENDPOINT_URL"} | {"FSSPEC_S3_ENDPOINT_URL": s3.url}
+    full = dict(os.environ, HF_HUB_OFFLINE="1", **env)
+    full.pop("AWS_ENDPOINT_URL", None)
+    done = subprocess.run([sys.executable, "-m", "prep", "convert", f"s3://{BUCKET}/raw/alpaca_en_demo.json", "-o",
+                           "out.jsonl"], cwd=tmp_path, env=full, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "wrote 999 conversations" in done.stdout, done.stderr
+
+
 # --------------------------------------------------------------------------------------------------
 # The local cache of shard URLs
 
@@ -248,6 +292,41 @@ def test_shard_urls_are_fetched_once_and_checked_against_the_manifest(s3, tmp_pa
     with pytest.raises(ShardError, match=f"s3://{BUCKET}/cache/shards/{shard}: sha256 .* differs from the manifest"):
         load_shards(url)
     assert not list((tmp_path / "fresh").rglob("*.arrow"))  # a file that fails its check never enters the cache
+
+
+def test_verify_of_a_url_checks_the_copy_and_lists_stray_files_at_the_url(s3, tmp_path, examples, monkeypatch):
+    from prep.pipeline import pack_shards
+    from prep.verify import verify_shards
+    from schemas.pack_config import PackConfig
+
+    monkeypatch.setenv("PREP_CACHE", str(tmp_path / "cache"))
+    url = f"s3://{BUCKET}/stray/shards"
+    manifest = pack_shards(PackConfig(inputs=[str(examples / "alpaca.json")], output=url, max_len=512)).manifest
+    assert verify_shards(url).ok
+    shard = manifest["shards"][0]["file"]
+    s3.client().copy_object(Bucket=BUCKET, Key="stray/shards/data-00009-of-00010.arrow",
+                            CopySource={"Bucket": BUCKET, "Key": f"stray/shards/{shard}"})
+    report = verify_shards(url)
+    assert [(p.file, p.check) for p in report.problems] == [("data-00009-of-00010.arrow", "stray")]
+    assert report.path == url
+
+
+def test_ranks_of_one_machine_share_one_fetch(s3, tmp_path, examples):
+    """Four processes open the same shard URL at once (as torchrun ranks do): one complete copy, the same rows."""
+    from prep.pipeline import pack_shards
+    from schemas.pack_config import PackConfig
+
+    url = f"s3://{BUCKET}/ranks/shards"
+    pack_shards(PackConfig(inputs=[str(examples / "sharegpt.jsonl")], output=url, max_len=512, shard_size="2KB"))
+    code = ("import sys; from prep.load import load_shards; s = load_shards(sys.argv[1]); "
+            "print(s.path, s.num_rows, sum(map(sum, s.table.column('input_ids').to_pylist())))")
+    env = dict(os.environ, PREP_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", **s3.env)
+    ranks = [subprocess.Popen([sys.executable, "-c", code, url], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outputs = {rank.communicate(timeout=600)[0] for rank in ranks}
+    assert all(rank.returncode == 0 for rank in ranks) and len(outputs) == 1
+    copies = list((tmp_path / "cache" / "shards").iterdir())
+    assert len(copies) == 1 and not [p for p in copies[0].rglob(".*part-*")]
 
 
 # --------------------------------------------------------------------------------------------------
