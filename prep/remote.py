@@ -52,6 +52,10 @@ CREDENTIALS_HINT = {
     "gs": "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`",
     "az": "set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY",
 }
+# What tokenizers' save_pretrained writes: fetched by name where a folder cannot be listed (https://).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "vocab.txt", "chat_template.jinja", "chat_template.json")
 _SCHEME_FAMILY = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
 # Exception class names, matched along the MRO so that no store package is imported to classify its errors.
 _NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
@@ -165,7 +169,7 @@ def remote_error(url: str, error: BaseException, *, writing: bool = False, kind:
     if names & _NO_CREDENTIALS:
         hint = CREDENTIALS_HINT.get(family, "set the store's credentials in the environment")
         message = f"no credentials found for {family}://: {hint}"
-    elif isinstance(error, PermissionError) or names & {"AccessDenied", "HttpResponseError"} and "403" in str(error):
+    elif isinstance(error, PermissionError) or (names & {"AccessDenied", "HttpResponseError"} and "403" in str(error)):
         action = "write to" if writing else "read"
         message = (f"access denied: the credentials in use may not {action} it; check them (and the bucket's "
                    "policy), or set others")
@@ -501,9 +505,14 @@ def _fetch_folder(url: str, folder: Path, manifest_bytes: bytes) -> None:
 
 
 def _fetch_tokenizer(base: str, local: Path, name: str) -> None:
-    """The saved tokenizer folder (its files are checked by `prep verify` through the manifest's fingerprint)."""
+    """The saved tokenizer folder (its files are checked by `prep verify` through the manifest's fingerprint).
+    A web server lists no folders: there the files `save_pretrained` writes are asked for by name."""
     if "/" in name or name in ("", ".", ".."):
         raise ShardError(f"{display(join(base, MANIFEST))}: tokenizer path {name!r} is not a plain folder name")
+    if scheme(base) in ("http", "https"):
+        for file in TOKENIZER_FILES:
+            _fetch_file(join(base, name, file), local / name / file, None, optional=True)
+        return
     fs, path = filesystem(join(base, name))
     with translated(base, kind=ShardError):
         files = sorted(fs.find(path)) if fs.exists(path) else []
@@ -572,8 +581,11 @@ def is_shard_folder(path: str) -> bool:
     return scheme(path) != "hf" and exists(join(path, MANIFEST), kind=ShardError)
 
 
-def remote_strays(url: str, listed: list[str]) -> list[str]:
-    """Names of `.arrow` files at a shard folder URL that its manifest does not list (for `prep verify`)."""
+def remote_strays(url: str, listed: list[str]) -> list[str] | None:
+    """Names of `.arrow` files at a shard folder URL that its manifest does not list (for `prep verify`); None
+    for https:// URLs, whose folders cannot be listed."""
+    if scheme(url) in ("http", "https"):
+        return None
     fs, path = filesystem(url)
     with translated(url, kind=ShardError):
         names = {posixpath.basename(p) for p in fs.glob(posixpath.join(path.rstrip("/"), "*.arrow"))}

@@ -161,7 +161,8 @@ def verify_shards(path: str | Path, limit: int = 10, threads: int | None = None)
 
 def _verify_url(url: str, limit: int, threads: int | None) -> VerifyReport:
     """verify_shards of a URL: its local copy (each shard checked against the manifest's sha256 when fetched,
-    everything checked again here), plus the store's listing for `.arrow` files the manifest does not list."""
+    everything checked again here), plus the store's listing for `.arrow` files the manifest does not list
+    (not on https://, where a folder cannot be listed)."""
     from prep.remote import display, local_shards, remote_strays
 
     try:
@@ -171,7 +172,7 @@ def _verify_url(url: str, limit: int, threads: int | None) -> VerifyReport:
     report = verify_shards(local, limit=limit, threads=threads)
     report.path = display(url)
     manifest = json.loads((local / MANIFEST).read_text(encoding="utf-8"))
-    for stray in remote_strays(url, [e["file"] for e in manifest.get("shards", [])]):
+    for stray in remote_strays(url, [e["file"] for e in manifest.get("shards", [])]) or []:
         report.problems.append(Problem(stray, None, "stray", "an .arrow file at the URL that manifest.json does not "
                                                              "list: the folder mixes two runs"))
     return report

@@ -89,7 +89,7 @@ def test_convert_pack_verify_train_from_and_to_s3(s3, tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"shard(s) in s3://{BUCKET}/sft/shards" in done.stdout
     keys = s3.keys(BUCKET, "sft/")
-    assert f"sft/shards/manifest.json" in keys and not any(".tmp-" in k for k in keys)  # the staging prefix is gone
+    assert "sft/shards/manifest.json" in keys and not any(".tmp-" in k for k in keys)  # the staging prefix is gone
     done = prep(*pack, cwd=tmp_path, env=env)
     assert done.returncode == 0 and "up to date" in done.stdout
 
@@ -309,6 +309,38 @@ def test_verify_of_a_url_checks_the_copy_and_lists_stray_files_at_the_url(s3, tm
     report = verify_shards(url)
     assert [(p.file, p.check) for p in report.problems] == [("data-00009-of-00010.arrow", "stray")]
     assert report.path == url
+
+
+class _NoListingHandler(SimpleHTTPRequestHandler):
+    """A static web server: files only, no folder listings (as a CDN or a bucket website)."""
+
+    def list_directory(self, path):
+        self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_shard_folder_on_a_web_server_trains_and_verifies(tmp_path, examples, monkeypatch):
+    from prep.load import load_shards
+    from prep.pipeline import pack_shards
+    from prep.verify import verify_shards
+    from schemas.pack_config import PackConfig
+
+    monkeypatch.setenv("PREP_CACHE", str(tmp_path / "cache"))
+    pack_shards(PackConfig(inputs=[str(examples / "sharegpt.jsonl")], output=str(tmp_path / "www" / "shards"),
+                           max_len=512, tokenizer=str(Path(__file__).resolve().parents[2] / "shared" / "data" /
+                                                          "tokenizers" / "smollm2-135m")))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_NoListingHandler, directory=str(tmp_path / "www")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/shards"
+        report = verify_shards(url)  # includes the tokenizer's fingerprint: its files came by name
+        assert report.ok, report.problems
+        assert load_shards(url).table.equals(load_shards(tmp_path / "www" / "shards").table)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_ranks_of_one_machine_share_one_fetch(s3, tmp_path, examples):
