@@ -19,6 +19,7 @@ import pytest
 from _s3 import BUCKET, MotoServer
 
 REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
 
 
 def prep(*args: str, cwd: Path, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -240,7 +241,8 @@ def test_ctrl_c_during_the_upload_removes_the_temporary_prefix(s3, tmp_path, sha
 
 
 def test_parquet_and_arrow_objects_are_read_like_local_files(s3, tmp_path, shared_data):
-    """Parquet (by range requests) and Arrow IPC objects give the rows their local copies give."""
+    """Parquet, Arrow IPC, a save_to_disk folder and an xz-compressed CSV on the store give the rows their local
+    copies give."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -251,11 +253,17 @@ def test_parquet_and_arrow_objects_are_read_like_local_files(s3, tmp_path, share
     pq.write_table(table, tmp_path / "zh.parquet", row_group_size=100)
     with pa.OSFile(str(tmp_path / "zh.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=128)
-    for name in ("zh.parquet", "zh.arrow"):
-        s3.client().upload_file(str(tmp_path / name), BUCKET, f"formats/{name}")
+    import datasets
+
+    datasets.Dataset.from_list(rows[:300]).save_to_disk(str(tmp_path / "saved"), max_shard_size="100KB")
+    (tmp_path / "dolly.csv.xz").write_bytes(__import__("lzma").compress((EXAMPLES / "dolly.csv").read_bytes()))
+    for name in ("zh.parquet", "zh.arrow", "saved", "dolly.csv.xz"):
+        files = [tmp_path / name] if (tmp_path / name).is_file() else sorted((tmp_path / name).iterdir())
+        for file in files:
+            s3.client().upload_file(str(file), BUCKET, f"formats/{file.relative_to(tmp_path).as_posix()}")
         local = [(r.line, r.payload) for r in read_rows([str(tmp_path / name)])]
         remote = list(read_rows([f"s3://{BUCKET}/formats/{name}"]))
-        assert [(r.line, r.payload) for r in remote] == local and len(local) == 1000
+        assert [(r.line, r.payload) for r in remote] == local and local
         assert {r.path for r in remote} == {f"s3://{BUCKET}/formats/{name}"}
 
 
