@@ -15,7 +15,8 @@ import typer
 from prep.errors import PrepError
 
 FORMAT_HELP = "auto (detect per file), alpaca, sharegpt, openai, prompt_completion, transcript or unified."
-SubsetOpt = Annotated[Optional[str], typer.Option(help="Subset (config) of hf://datasets/ inputs; default: theirs.")]
+SubsetOpt = Annotated[Optional[str], typer.Option(
+    help="Subset (config) of hf://datasets/ inputs; default: the dataset's default.")]
 HubSplitOpt = Annotated[Optional[str], typer.Option(
     "--split", help="Split of hf://datasets/ inputs (a+b joins); default: the only split, else train.")]
 app = typer.Typer(
