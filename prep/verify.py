@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from prep.errors import PrepError
+from prep.errors import PrepError, ShardError
+from prep.remote import is_url
 from prep.spill import concat_ranges
 from prep.write import sha256_file
 
@@ -131,6 +132,8 @@ def verify_shards(path: str | Path, limit: int = 10, threads: int | None = None)
     >>> verify_shards("no/such/folder").problems[0].check
     'manifest'
     """
+    if is_url(path):
+        return _verify_url(str(path), limit, threads)
     path = Path(path)
     report, problems = VerifyReport(str(path)), _Problems(limit)
     manifest = _read_manifest(path, problems)
@@ -157,6 +160,25 @@ def verify_shards(path: str | Path, limit: int = 10, threads: int | None = None)
     _check_files(path, manifest, problems)
     _check_tokenizer(path, manifest, problems)
     report.problems = problems.finish()
+    return report
+
+
+def _verify_url(url: str, limit: int, threads: int | None) -> VerifyReport:
+    """verify_shards of a URL: its local copy (each shard checked against the manifest's sha256 when fetched,
+    everything checked again here), plus the store's listing for `.arrow` files the manifest does not list
+    (not on https://, where a folder cannot be listed)."""
+    from prep.remote import display, local_shards, remote_strays
+
+    try:
+        local = local_shards(url)
+    except ShardError as e:  # no manifest (an unfinished writer), a damaged object, a store error
+        return VerifyReport(display(url), problems=[Problem(MANIFEST, None, "fetch", str(e))])
+    report = verify_shards(local, limit=limit, threads=threads)
+    report.path = display(url)
+    manifest = json.loads((local / MANIFEST).read_text(encoding="utf-8"))
+    for stray in remote_strays(url, [e["file"] for e in manifest.get("shards", [])]) or []:
+        report.problems.append(Problem(stray, None, "stray", "an .arrow file at the URL that manifest.json does not "
+                                                             "list: the folder mixes two runs"))
     return report
 
 
