@@ -189,7 +189,7 @@ def build_model(config: TrainConfig, shards: Shards, device: torch.device):
     """Load or random-init the model (fp32 weights), resize embeddings to the tokenizer, move it to `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prep.models import model_config
+    from prep.models import VOCAB_MULTIPLE, model_config, padded_vocab
 
     tokenizer = AutoTokenizer.from_pretrained(shards.tokenizer_path, trust_remote_code=config.trust_remote_code)
     attn = resolve_attention(config.attn_implementation, device)
@@ -202,7 +202,7 @@ def build_model(config: TrainConfig, shards: Shards, device: torch.device):
         tok = shards.manifest["tokenizer"]
         cfg = model_config(
             config.model_config,
-            len(tokenizer),
+            padded_vocab(len(tokenizer)),
             shards.max_len,
             tok.get("bos_token_id"),
             tok.get("eos_token_id"),
@@ -212,7 +212,7 @@ def build_model(config: TrainConfig, shards: Shards, device: torch.device):
             model = AutoModelForCausalLM.from_config(cfg, **kwargs)
     vocab = max(len(tokenizer), int(shards.manifest["tokenizer"].get("vocab_size", 0)))
     if vocab > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(vocab)  # the shards' tokenizer added marker tokens
+        model.resize_token_embeddings(vocab, pad_to_multiple_of=VOCAB_MULTIPLE)  # the tokenizer added markers
     if config.gradient_checkpointing:  # renamed activation_checkpointing_enable in transformers 5.x
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     if attn in FLEX_PATHS:

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 import prep.train as train
 from prep.errors import ConfigError, OutputExistsError
 from prep.load import Collator, PackedDataset, load_shards
-from prep.models import model_config
+from prep.models import model_config, padded_vocab
 from prep.train import (
     TrainConfig,
     count_flops,
@@ -66,7 +66,8 @@ def test_loss_goes_down_over_a_few_dozen_steps(trained):
     out, final = trained
     losses = [m["loss"] for m in read_metrics(out)]
     assert len(losses) == 30 and final["step"] == 30 and final["out_dir"] == str(out)
-    assert losses[0] == pytest.approx(math.log(257), abs=0.3)  # random init: ~uniform over the vocabulary
+    # random init: ~uniform over the embedding rows (257 tokens padded to 384, prep.models.padded_vocab)
+    assert losses[0] == pytest.approx(math.log(padded_vocab(257)), abs=0.3)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
 
 
@@ -99,6 +100,8 @@ def test_saved_model_reloads_and_generates(trained, shards_dir):
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert len(tokenizer) == len(AutoTokenizer.from_pretrained(shards_dir / "tokenizer"))
+    rows = model.get_input_embeddings().num_embeddings
+    assert rows % 128 == 0 and len(tokenizer) <= rows < len(tokenizer) + 128  # aligned for tensor-core GEMMs
     prompt = tokenizer("###instruction###\nGive three tips for staying healthy.\n###response###\n", return_tensors="pt")
     assert tokenizer.decode(prompt["input_ids"][0]).startswith("###instruction###")
     generated = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -166,7 +169,8 @@ def test_marker_tokens_resize_a_pretrained_models_embeddings(tmp_path):
         TrainConfig(shards=str(shards_dir), out_dir=str(tmp_path / "out"), model=str(base), max_steps=2, **FAST)
     )
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert model.get_input_embeddings().num_embeddings == 49154 == len(AutoTokenizer.from_pretrained(tmp_path / "out"))
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) == 49154  # two markers added to 49,152
+    assert model.get_input_embeddings().num_embeddings == 49280  # rounded up to a multiple of 128 (prep.models)
 
 
 def test_a_model_with_full_and_sliding_window_layers_trains_with_one_mask_per_layer_type(
