@@ -127,3 +127,11 @@ def test_cpu_smoke_writes_one_json_of_every_step(smoke):
     assert "mfu_bf16" not in summary  # no bf16 peak on a CPU: MFU comes from a GPU only
     log = (root / "out" / "gpu_check.log").read_text()
     assert "===== train_packed_sdpa: passed" in log and "===== tests: passed" in log
+
+
+def test_gpu_profile_script_says_it_needs_cuda_on_a_cpu(tmp_path):
+    """benchmarks/gpu_profile.py (how the unaligned LM-head GEMMs were found on the H200) imports and parses its
+    flags here; without CUDA it stops with one line instead of a traceback."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_profile.py"), str(tmp_path), "--compile"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == "error: benchmarks/gpu_profile.py needs CUDA"
