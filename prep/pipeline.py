@@ -40,6 +40,7 @@ from prep.tokenizer import (
     check_markers,
     load_tokenizer,
     register_markers,
+    save_tokenizer,
     tokenizer_fingerprint,
 )
 from prep.write import check_output, sha256_file, staging_dir, write_json, write_shards
@@ -420,7 +421,7 @@ def _write_single(run: _Run, report: PackReport, store: ExampleStore, rejects_pa
         extra["mixture"] = {"sources": report.sources}
 
     def before_commit(tmp: Path) -> None:
-        run.tokenizer.save_pretrained(tmp / "tokenizer")
+        _save_tokenizer(run, tmp)
         shutil.move(str(rejects_path), tmp / REJECTS_FILE)
 
     report.manifest = write_shards(store, _plan(store, config), config.output, max_len=config.max_len,
@@ -438,11 +439,20 @@ def _write_splits(run: _Run, report: PackReport, stores: dict[str, ExampleStore]
             report.split_manifests[split] = write_shards(
                 store, _plan(store, config), tmp / split, max_len=config.max_len, seed=config.seed,
                 shard_size=config.shard_size, manifest_extra=_manifest_extra(run, report, split, fingerprint),
-                before_commit=lambda t: run.tokenizer.save_pretrained(t / "tokenizer"))
+                before_commit=lambda t: _save_tokenizer(run, t, tmp / SPLITS[0] / "tokenizer"))
         shutil.move(str(rejects_path), tmp / REJECTS_FILE)
         write_json(tmp / "dataset_dict.json", {"splits": list(SPLITS)})
         report.manifest = _split_manifest(run, report)
         write_json(tmp / "manifest.json", report.manifest)  # last: its presence marks a complete output
+
+
+def _save_tokenizer(run: _Run, folder: Path, saved: Path | None = None) -> None:
+    """The tokenizer used, saved into folder/tokenizer so that it reloads as the same tokenizer (checked);
+    a copy of `saved` when an earlier split already saved (and checked) it."""
+    if saved is not None and saved.is_dir():
+        shutil.copytree(saved, folder / "tokenizer")
+        return
+    save_tokenizer(run.tokenizer, folder / "tokenizer", trust_remote_code=run.config.trust_remote_code)
 
 
 def _split_manifest(run: _Run, report: PackReport) -> dict[str, Any]:
