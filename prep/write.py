@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -131,13 +132,27 @@ def staging_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Pat
     out_dir = Path(out_dir)
     check_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = _make_dir_beside(out_dir)
     try:
         yield tmp
         _commit(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _make_dir_beside(out_dir: Path) -> Path:
+    """Create `.NAME.tmp-XXXXXXXX` beside `out_dir`, mode 0o777 less the process umask.
+
+    Not `tempfile.mkdtemp`: its folders are owner-only (0o700), and this one becomes the output.
+    """
+    while True:
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir(0o777)
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
