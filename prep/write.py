@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from prep import __version__
 from prep.errors import ConfigError, OutputExistsError
+from prep.example_templates import EXAMPLE_TEMPLATES_FILE, write_example_templates
 from prep.pack import PackPlan, build_rows, packing_stats, shard_schema
 from prep.spill import ExampleStore
 
@@ -184,6 +185,7 @@ def write_shards(
     manifest_extra: dict | None = None,
     overwrite: bool = False,
     before_commit: Callable[[Path], None] | None = None,
+    example_templates: bool = False,
 ) -> dict:
     """Write the planned rows as shards + datasets files + manifest into `out_dir`, atomically.
 
@@ -199,6 +201,8 @@ def write_shards(
         overwrite: replace an existing output (only once the new one is complete).
         before_commit: called with the temporary folder once the shards are written, before the datasets
             files, the manifest and the rename (e.g. `lambda tmp: tok.save_pretrained(tmp / "tokenizer")`).
+        example_templates: also write `example_templates.arrow`, the store's `groups` (template indices) laid
+            out like the rows (see prep.example_templates), and name it in the manifest.
 
     Returns:
         The manifest as written to `manifest.json`.
@@ -225,6 +229,9 @@ def write_shards(
             for name, start, stop in zip(names, bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
         ]
         ours = _our_manifest(store, plan, max_len=max_len, seed=seed, shards=shards)
+        if example_templates:
+            ours["example_templates"] = write_example_templates(
+                tmp / EXAMPLE_TEMPLATES_FILE, store.groups, plan.order, plan.row_offsets)
         manifest = merge_manifest(ours, manifest_extra or {})
         manifest.setdefault("fingerprint", _fallback_fingerprint(manifest))
         if before_commit is not None:
