@@ -156,7 +156,8 @@ def inspect(
 @app.command()
 def stats(
     inputs: Annotated[list[str], typer.Argument(help="A shard folder, or input files.")],
-    plot: Annotated[Optional[str], typer.Option(help="Also write the length histogram to FILE (.png/.html/.svg).")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Also draw the statistics into FILE (.png/.svg/.pdf/.html) "
+                                                "with matplotlib: pip install 'prep-sft[plot]'.")] = None,
     top: Annotated[int, typer.Option(help="How many of the longest examples to list.")] = 5,
     bins: Annotated[int, typer.Option(help="Histogram bins.")] = 16,
     tokenizer: TokenizerOpt = None,
@@ -172,10 +173,13 @@ def stats(
     """Token-length distribution, tokens per role, trained fraction and packing efficiency."""
     from rich.console import Console
 
-    from prep.plot import write_histogram
     from prep.load import split_path
     from prep.stats import input_stats, render_stats, shard_stats
 
+    if plot:  # before any work: a wrong suffix or a missing matplotlib is one line, not a wasted run
+        from prep.plot import check_plot_path
+
+        check_plot_path(plot)
     if len(inputs) == 1 and os.path.isfile(os.path.join(inputs[0], "manifest.json")):
         result = shard_stats(split_path(inputs[0], split), top=top)
     else:
@@ -184,7 +188,9 @@ def stats(
                              trust_remote_code=trust_remote_code)
     Console().print(render_stats(result, bins=bins))
     if plot:
-        write_histogram(plot, *result.histogram(bins), title="tokens per example")
+        from prep.plot import write_plot
+
+        write_plot(plot, result, bins=bins)
         Console().print(f"wrote {plot}", highlight=False, markup=False)
 
 
