@@ -99,7 +99,8 @@ def pack(
     dedup: Annotated[Optional[bool], typer.Option("--dedup/--no-dedup", help="Drop exact duplicate conversations.",
                                                   show_default="no")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Conversations per tokenizer call.")] = 2048,
-    workers: Annotated[int, typer.Option(help="Encoding processes; 0 = one per CPU for inputs >= 64 MiB, else 1. "
+    workers: Annotated[int, typer.Option(help="Encoding processes; 0 = one per CPU (at most 8) for inputs >= 64 MiB, "
+                                              "else 1. "
                                               "The output is the same for any number.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if anything was rejected or dropped.")] = False,
