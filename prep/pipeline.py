@@ -136,7 +136,8 @@ def pack_shards(config: PackConfig, progress: bool = False) -> PackReport:
     check_output(config.output, config.overwrite)
     report = PackReport(config.output, False, Report("prep pack"), {}, markers=check_markers(run.template, run.tokenizer))
     if run.several_templates:
-        report.template_markers = {spec: check_markers(t, run.tokenizer) for spec, t in run.templates.items()}
+        report.template_markers = {spec: report.markers if spec == config.template else check_markers(t, run.tokenizer)
+                                   for spec, t in run.templates.items()}
     if config.tokenizer is None:
         report.notices.append(DEFAULT_TOKENIZER_NOTICE)
     parent = Path(config.output).absolute().parent

@@ -4,7 +4,8 @@ Checks: every listed shard exists and its sha256 matches; no unlisted shard file
 (names, list<int32>, no nulls); per row, equal lengths of input_ids/labels/position_ids(/attention_mask),
 sum(seq_lengths) == row length <= max_len, position_ids restarting at 0 at every example, every label
 -100 or equal to its token, the first label of every example -100, token ids inside the vocabulary;
-the saved tokenizer's fingerprint and size; rows/tokens/examples/trained tokens against the manifest.
+the saved tokenizer's fingerprint and size; rows/tokens/examples/trained tokens against the manifest; and
+example_templates.arrow when sources used several templates (sha256, one entry per example, known indices).
 
 Each check runs on whole record batches with numpy (flat values + offsets; no per-token Python), and the
 hashes are computed in threads while the main thread checks values, so verifying is bound by disk and
