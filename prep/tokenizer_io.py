@@ -13,10 +13,10 @@ which loads `tokenizer.json` exactly, and it is checked once more.
 
 This module imports only the standard library (and transformers when called): `prep.train` uses it.
 
->>> from prep.tokenizer import default_tokenizer
->>> import tempfile; folder = save_tokenizer(default_tokenizer(), tempfile.mkdtemp())
->>> sorted(p.name for p in folder.iterdir())
-['tokenizer.json', 'tokenizer_config.json']
+>>> import tempfile; from transformers import AutoTokenizer; from prep.tokenizer import default_tokenizer
+>>> folder = save_tokenizer(default_tokenizer(), tempfile.mkdtemp())
+>>> tokenizer_fingerprint(AutoTokenizer.from_pretrained(folder)) == tokenizer_fingerprint(default_tokenizer())
+True
 """
 
 from __future__ import annotations

@@ -210,3 +210,11 @@ def test_one_template_writes_nothing_more(tmp_path):
     assert read_example_templates(out, manifest) is None
     assert shard_stats(out).by_template == {}
     assert {v.template for view in iter_row_views(out) for v in view.examples} == {None}
+
+
+def test_docstring_examples():
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module("prep.example_templates"))
+    assert result.failed == 0 and result.attempted > 0

@@ -173,3 +173,11 @@ def test_matplotlib_is_imported_only_for_a_plot():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_docstring_examples():
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module("prep.plot"))
+    assert result.failed == 0 and result.attempted > 0

@@ -196,3 +196,11 @@ def test_the_trained_models_tokenizer_is_the_shards_tokenizer(variants, tmp_path
     assert done.returncode == 0, done.stderr
     final = AutoTokenizer.from_pretrained(run)
     assert encodings(final, corpus(used)) == encodings(used, corpus(used))
+
+
+def test_docstring_examples():
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module("prep.tokenizer_io"))
+    assert result.failed == 0 and result.attempted > 0
