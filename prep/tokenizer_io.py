@@ -102,7 +102,9 @@ def save_tokenizer(tokenizer: Any, folder: str | Path, *, trust_remote_code: boo
         The folder.
 
     Raises:
-        PrepError: even the generic class reloads a different tokenizer (nothing prep can fix).
+        PrepError: even the generic class reloads a different tokenizer (nothing prep can fix), e.g. a folder
+            that also holds a model's config.json whose model type makes AutoTokenizer use its own class (Qwen2,
+            Phi-3, ... in transformers 5.x). The files stay written; the message says how to load them.
     """
     folder = Path(folder)
     tokenizer.save_pretrained(folder)
@@ -112,19 +114,31 @@ def save_tokenizer(tokenizer: Any, folder: str | Path, *, trust_remote_code: boo
     if unsaved:
         config |= unsaved
         _write_config(folder, config)
-    if _reloaded_fingerprint(folder, trust_remote_code) == expected:
+    if _reload(folder, trust_remote_code)[0] == expected:
         return folder
     config["tokenizer_class"] = GENERIC_CLASS
     config.pop("auto_map", None)
     _write_config(folder, config)
-    got = _reloaded_fingerprint(folder, trust_remote_code)
+    got, loaded_as = _reload(folder, trust_remote_code)
     if got != expected:
-        why = "a different tokenizer" if got.startswith("sha256:") else got
-        raise PrepError(
-            f"{folder}: the saved tokenizer ({type(tokenizer).__name__}) reloads as {why}, even as a plain "
-            f"{GENERIC_CLASS}; shards made with it could not be decoded or checked"
-        )
+        raise PrepError(_mismatch(folder, tokenizer, got, loaded_as))
     return folder
+
+
+def _mismatch(folder: Path, tokenizer: Any, got: str, loaded_as: str | None) -> str:
+    """Why the saved folder does not reload as `tokenizer`, and what to do."""
+    name = type(tokenizer).__name__
+    if not got.startswith("sha256:"):
+        return f"{folder}: the saved tokenizer ({name}) reloads as {got}, even as a plain {GENERIC_CLASS}"
+    model_type = None
+    if (folder / "config.json").is_file():
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type and loaded_as != GENERIC_CLASS and loaded_as != "TokenizersBackend":
+        return (f"{folder}: AutoTokenizer loads the saved tokenizer ({name}) as {loaded_as}, the class transformers "
+                f"uses for model type {model_type!r} (config.json) whatever tokenizer_config.json says, and it encodes "
+                f"differently; load it with {GENERIC_CLASS}.from_pretrained({str(folder)!r})")
+    return (f"{folder}: the saved tokenizer ({name}) reloads as a different tokenizer, even as a plain "
+            f"{GENERIC_CLASS}; shards made with it could not be decoded or checked")
 
 
 def unsaved_settings(tokenizer: Any, config: dict[str, Any]) -> dict[str, Any]:
@@ -154,15 +168,16 @@ def unsaved_settings(tokenizer: Any, config: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def _reloaded_fingerprint(folder: Path, trust_remote_code: bool) -> str:
-    """"sha256:" + the fingerprint of the folder as AutoTokenizer loads it, or why it does not load."""
+def _reload(folder: Path, trust_remote_code: bool) -> tuple[str, str | None]:
+    """("sha256:" + the fingerprint of the folder as AutoTokenizer loads it, its class name), or (why it does not
+    load, None)."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError, ValueError, ...: reported by the caller if the fallback fails too
-        return f"a tokenizer that does not load ({type(exc).__name__}: {exc})"
-    return "sha256:" + tokenizer_fingerprint(tok)
+        return f"a tokenizer that does not load ({type(exc).__name__}: {exc})", None
+    return "sha256:" + tokenizer_fingerprint(tok), type(tok).__name__
 
 
 def _write_config(folder: Path, config: dict[str, Any]) -> None:

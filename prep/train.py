@@ -584,7 +584,10 @@ def save_final(out_dir: Path, model, tokenizer, d: Dist) -> None:
         state_dict.pop(name, None)
     if d.is_main:
         model.save_pretrained(out_dir, state_dict=state_dict)
-        save_tokenizer(tokenizer, out_dir)  # not save_pretrained alone: it can drop settings (prep.tokenizer_io)
+        try:  # not save_pretrained alone: it can drop settings (prep.tokenizer_io)
+            save_tokenizer(tokenizer, out_dir)
+        except PrepError as e:  # the model is saved; the tokenizer files too, but AutoTokenizer reads them otherwise
+            print(f"warning: {e}", file=sys.stderr)
     barrier(d)
 
 

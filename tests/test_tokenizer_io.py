@@ -169,6 +169,21 @@ def test_a_tokenizer_no_saved_form_reproduces_is_an_error(tmp_path):
         save_tokenizer(tok, tmp_path / "tokenizer")
 
 
+def test_a_model_folder_whose_type_forces_another_class_is_named_in_the_error(tmp_path):
+    """transformers 5.x loads any tokenizer beside a Qwen2 config.json as Qwen2Tokenizer (model types it lists as
+    having wrong Hub tokenizer classes), which rebuilds another pipeline: `prep train` warns with this message."""
+    from transformers import PreTrainedTokenizerFast, Qwen2Config
+
+    (tmp_path / "model").mkdir()
+    Qwen2Config(vocab_size=264, hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(
+        tmp_path / "model")
+    tok = default_tokenizer()
+    with pytest.raises(PrepError, match=r"as Qwen2Tokenizer, the class transformers uses for model type 'qwen2'"):
+        save_tokenizer(tok, tmp_path / "model")
+    texts = corpus(tok)
+    assert encodings(PreTrainedTokenizerFast.from_pretrained(tmp_path / "model"), texts) == encodings(tok, texts)
+
+
 def test_fingerprint_follows_behaviour_not_only_the_backend_json():
     plain = load_tokenizer(str(TOKENIZERS / "smollm2-135m"))
     split = AutoTokenizer.from_pretrained(TOKENIZERS / "smollm2-135m", split_special_tokens=True)
