@@ -100,10 +100,12 @@ def manifest_templates(manifest: dict[str, Any]) -> list[Any]:
 
 
 def template_names(manifest: dict[str, Any]) -> list[str]:
-    """The name of each template the manifest lists (see `manifest_templates`), in index order.
+    """A distinct label for each template the manifest lists (see `manifest_templates`), in index order: its
+    name, or name and value given when two share a name (two files both named "custom").
 
-    >>> template_names({"template": {"name": "markers"}})
-    ['markers']
+    >>> template_names({"templates": [{"name": "qa", "template": "a/qa.toml"}, {"name": "qa", "template": "b.toml"}]})
+    ['qa (a/qa.toml)', 'qa (b.toml)']
     """
     entries = manifest.get("templates") or [manifest.get("template") or {}]
-    return [str(entry.get("name", "?")) for entry in entries]
+    names = [str(entry.get("name", "?")) for entry in entries]
+    return [f"{n} ({e.get('template')})" if names.count(n) > 1 else n for n, e in zip(names, entries)]
