@@ -38,7 +38,8 @@ after = "\\n"
 # chats whose replies hold markdown headings: `###` is a marker of the markers template only
 HEADINGS = [{"messages": [{"role": "user", "content": f"Plan {k}?"},
                           {"role": "assistant", "content": f"### Step {k}\nDo it.\n### Done"}]} for k in range(6)]
-FIRST_TEXT = {"markers": ("###instruction###", "###human###", "###system###"), "chatml": "<|im_start|>", "qa": ("<Q>", "<S>")}
+FIRST_TEXT = {"markers": ("###instruction###", "###human###", "###system###"), "chatml": "<|im_start|>",
+              "qa": ("<Q>", "<S>")}
 
 
 def _inputs(folder: Path) -> tuple[Path, Path]:
@@ -89,7 +90,8 @@ def test_manifest_records_every_template_and_each_sources_template(mixed):
         assert entry["sha256"] == template_sha256(template)
         assert template_from_dict(entry["definition"]) == template
         assert [m["marker"] for m in entry["markers"]] == [c.marker for c in check_markers(template, tok)]
-    assert manifest["template"]["name"] == "markers" and manifest["templates"][0]["sha256"] == manifest["template"]["sha256"]
+    assert manifest["template"]["name"] == "markers"
+    assert manifest["templates"][0]["sha256"] == manifest["template"]["sha256"]
     assert manifest["example_templates"]["file"] == EXAMPLE_TEMPLATES_FILE
 
 
@@ -167,8 +169,9 @@ def test_verify_checks_the_example_templates_file(mixed, tmp_path):
     values = np.asarray(column.flatten()).copy()
     values[0] = 7  # a template the manifest does not list
     changed = pa.ListArray.from_arrays(column.offsets, pa.array(values, pa.int32()))
-    with open(broken / EXAMPLE_TEMPLATES_FILE, "wb") as f, pa.ipc.new_stream(f, pa.schema([("templates", changed.type)])) as w:
-        w.write_table(pa.table({"templates": changed}))
+    table = pa.table({"templates": changed})
+    with open(broken / EXAMPLE_TEMPLATES_FILE, "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
     problems = {(p.file, p.check) for p in verify_shards(broken).problems}
     assert problems == {(EXAMPLE_TEMPLATES_FILE, "sha256"), (EXAMPLE_TEMPLATES_FILE, "templates")}
     (broken / EXAMPLE_TEMPLATES_FILE).unlink()
