@@ -67,7 +67,11 @@ def read_example_templates(folder: str | Path, manifest: dict[str, Any]) -> pa.C
     entry = manifest.get("example_templates")
     if not entry:
         return None
-    path = Path(folder) / str(entry.get("file", EXAMPLE_TEMPLATES_FILE))
+    name = entry.get("file")
+    if not is_plain_name(name):
+        raise ShardError(f"{Path(folder) / 'manifest.json'}: example_templates {name!r} is not a plain file name "
+                         "inside the shard folder; refusing to read it")
+    path = Path(folder) / name
     try:
         with pa.memory_map(str(path)) as source:
             column = pa.ipc.open_stream(source).read_all().column(COLUMN)
@@ -77,6 +81,15 @@ def read_example_templates(folder: str | Path, manifest: dict[str, Any]) -> pa.C
     if rows is not None and len(column) != rows:
         raise ShardError(f"{path}: {len(column)} rows, the shards have {rows}; run `prep verify {folder}`")
     return column
+
+
+def is_plain_name(name: Any) -> bool:
+    """A bare file name (a string without separators, not `.`/`..`): what a manifest may name.
+
+    >>> is_plain_name("example_templates.arrow"), is_plain_name("../x.arrow")
+    (True, False)
+    """
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def manifest_templates(manifest: dict[str, Any]) -> list[Any]:

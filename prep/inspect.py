@@ -260,7 +260,7 @@ def iter_row_views(
     tokenizer = load_tokenizer(str(shards.tokenizer_path))
     patterns = [marker_pattern(tokenizer, t) for t in manifest_templates(shards.manifest)]
     names = template_names(shards.manifest)
-    of_row = read_example_templates(path, shards.manifest)  # None: every example used template 0
+    of_row = read_example_templates(shards.path, shards.manifest)  # None: every example used template 0
     columns = {name: shards.table.column(name) for name in ("input_ids", "labels", "seq_lengths")}
     for row in range(shards.num_rows) if rows is None else rows:
         if not 0 <= row < shards.num_rows:

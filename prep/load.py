@@ -1,6 +1,8 @@
 """Read prep shards: memory-mapped Arrow tables, a rank-aware torch Dataset, and a collator for packed rows.
 
 Imports only torch, pyarrow, numpy and the stdlib: the GPU machines have no pydantic and no datasets.
+A shard folder URL (`s3://bucket/shards`) is read from a checked local copy (prep.remote.local_shards); fsspec
+and the store's package are imported only then.
 
 Packed rows hold several whole examples. The model must not let one example attend to another, so
 `packed_attention_kwargs` turns each batch's `position_ids` (which restart at 0 at every example) into the
@@ -21,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from prep.errors import ConfigError, ShardError
+from prep.remote import is_url
 
 FORMAT = "prep-shards"
 FORMAT_VERSION = 1
@@ -160,7 +163,7 @@ def split_names(path: str | Path) -> list[str]:
     >>> split_names("shards/")  # doctest: +SKIP
     ['train', 'validation']
     """
-    file = Path(path) / SPLITS_FILE
+    file = Path(_local(path)) / SPLITS_FILE
     if not file.is_file():
         return []
     try:
@@ -169,19 +172,28 @@ def split_names(path: str | Path) -> list[str]:
         raise ShardError(f"{file}: unreadable split list: {e}") from e
 
 
-def split_path(path: str | Path, split: str = "train") -> Path:
+def split_path(path: str | Path, split: str = "train") -> Path | str:
     """The shard folder of `split`: `path/split` in a split folder; `path` itself for "train" otherwise.
+    A URL gives a URL (its copy is fetched by `load_shards`).
 
     Raises:
         ShardError: the folder has no such split.
     """
-    path = Path(path)
     names = split_names(path)
     if split in names:
-        return path / split
+        return f"{str(path).rstrip('/')}/{split}" if is_url(path) else Path(path) / split
     if not names and split == "train":
-        return path
+        return path if is_url(path) else Path(path)
     raise ShardError(f"{path}: no {split!r} split (has {names or ['train']}); pack with --val-fraction or --val-size")
+
+
+def _local(path: str | Path) -> str | Path:
+    """The folder itself, or for a URL its fetched, checked local copy."""
+    if is_url(path):
+        from prep.remote import local_shards
+
+        return local_shards(str(path))
+    return path
 
 
 def load_shards(path: str | Path, split: str = "train") -> Shards:
@@ -192,7 +204,8 @@ def load_shards(path: str | Path, split: str = "train") -> Shards:
     and `validation/`; `split` picks one (the train split by default).
 
     Args:
-        path: folder written by `prep pack`.
+        path: folder written by `prep pack`, or its URL (fetched once into a local cache, checked against the
+            manifest's sha256, memory-mapped from there).
         split: "train" or "validation".
     Returns:
         Shards(path, manifest, table) with one zero-copy table over all shard files, in manifest order.
@@ -204,7 +217,7 @@ def load_shards(path: str | Path, split: str = "train") -> Shards:
     >>> shards.table.column_names[:2], shards.max_len  # doctest: +SKIP
     (['input_ids', 'labels'], 2048)
     """
-    path = split_path(path, split)
+    path = Path(_local(split_path(path, split)))
     manifest = read_manifest(path)
     tables = []
     for entry in manifest["shards"]:

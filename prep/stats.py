@@ -163,7 +163,7 @@ def shard_stats(path: str | Path, top: int = 5) -> Stats:
     tokens, n_trained = int(lengths.sum()), int(trained.sum())
     manifest = shards.manifest
     row_tokens = np.bincount(rows_of, weights=lengths, minlength=shards.num_rows).astype(np.int64)
-    of_row = read_example_templates(path, manifest)
+    of_row = read_example_templates(shards.path, manifest)  # the local copy of a URL
     counts = {"examples": len(lengths), "rows": shards.num_rows, "tokens": tokens, "trained_tokens": n_trained}
     for key in ("conversations", "truncated", "dropped", "split", "rejected"):
         counts[key] = manifest.get("counts", {}).get(key, {} if key == "rejected" else 0)

@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from prep.errors import PrepError
+from prep.errors import PrepError, ShardError
+from prep.example_templates import is_plain_name
+from prep.remote import is_url
 from prep.spill import concat_ranges
 from prep.write import sha256_file
 
@@ -132,6 +134,8 @@ def verify_shards(path: str | Path, limit: int = 10, threads: int | None = None)
     >>> verify_shards("no/such/folder").problems[0].check
     'manifest'
     """
+    if is_url(path):
+        return _verify_url(str(path), limit, threads)
     path = Path(path)
     report, problems = VerifyReport(str(path)), _Problems(limit)
     manifest = _read_manifest(path, problems)
@@ -159,6 +163,25 @@ def verify_shards(path: str | Path, limit: int = 10, threads: int | None = None)
     _check_example_templates(path, manifest, problems, totals.complete)
     _check_tokenizer(path, manifest, problems)
     report.problems = problems.finish()
+    return report
+
+
+def _verify_url(url: str, limit: int, threads: int | None) -> VerifyReport:
+    """verify_shards of a URL: its local copy (each shard checked against the manifest's sha256 when fetched,
+    everything checked again here), plus the store's listing for `.arrow` files the manifest does not list
+    (not on https://, where a folder cannot be listed)."""
+    from prep.remote import display, local_shards, remote_strays
+
+    try:
+        local = local_shards(url)
+    except ShardError as e:  # no manifest (an unfinished writer), a damaged object, a store error
+        return VerifyReport(display(url), problems=[Problem(MANIFEST, None, "fetch", str(e))])
+    report = verify_shards(local, limit=limit, threads=threads)
+    report.path = display(url)
+    manifest = json.loads((local / MANIFEST).read_text(encoding="utf-8"))
+    for stray in remote_strays(url, _listed_arrow_files(manifest)) or []:
+        report.problems.append(Problem(stray, None, "stray", "an .arrow file at the URL that manifest.json does not "
+                                                             "list: the folder mixes two runs"))
     return report
 
 
@@ -202,8 +225,7 @@ def _read_manifest(path: Path, problems: _Problems) -> dict[str, Any] | None:
 def _check_files(path: Path, manifest: dict[str, Any], problems: _Problems) -> None:
     """No unlisted shard files, and state.json (read by datasets) lists the same files in the same order."""
     listed = [e["file"] for e in manifest["shards"]]
-    sidecar = [str(manifest["example_templates"].get("file"))] if manifest.get("example_templates") else []
-    for stray in sorted(set(p.name for p in path.glob("*.arrow")) - set(listed) - set(sidecar)):
+    for stray in sorted(set(p.name for p in path.glob("*.arrow")) - set(_listed_arrow_files(manifest))):
         problems.add(stray, None, "stray", "an .arrow file that manifest.json does not list: the folder mixes two runs")
     state = path / "state.json"
     if state.is_file():
@@ -216,13 +238,22 @@ def _check_files(path: Path, manifest: dict[str, Any], problems: _Problems) -> N
             problems.add("state.json", None, "state", f"lists {files}, manifest.json lists {listed}")
 
 
+def _listed_arrow_files(manifest: dict[str, Any]) -> list[str]:
+    """The .arrow files a manifest names: its shards, and example_templates.arrow when there is one."""
+    sidecar = manifest.get("example_templates")
+    return [e["file"] for e in manifest.get("shards", [])] + ([str(sidecar.get("file"))] if sidecar else [])
+
+
 def _check_example_templates(path: Path, manifest: dict[str, Any], problems: _Problems, complete: bool) -> None:
     """example_templates.arrow (sources with several templates): its sha256, one entry per example of every row,
     each naming one of the manifest's `templates`."""
     entry = manifest.get("example_templates")
     if not entry:
         return
-    name = str(entry.get("file"))
+    name = entry.get("file")
+    if not is_plain_name(name):
+        problems.add(MANIFEST, None, "manifest", f"example_templates {name!r} is not a plain file name; not read")
+        return
     if not (path / name).is_file():
         problems.add(name, None, "missing", "named in manifest.json (example_templates) but missing")
         return

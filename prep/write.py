@@ -3,6 +3,8 @@
 Layout (docs/contract.md): `data-0000i-of-0000n.arrow` (Arrow IPC stream, `huggingface` schema metadata),
 `dataset_info.json`, `state.json`, anything `before_commit` adds (the tokenizer), and `manifest.json` last.
 Everything is written into `.<name>.tmp-XXXX` next to the output and renamed into place at the end.
+An output URL (`s3://bucket/shards`) is written into a local temporary folder instead and published by
+prep.remote.upload_folder: uploaded under a temporary prefix, then copied into place with the manifest last.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pyarrow as pa
 from prep import __version__
 from prep.errors import ConfigError, OutputExistsError
 from prep.example_templates import EXAMPLE_TEMPLATES_FILE, write_example_templates
+from prep.remote import is_url
 from prep.pack import PackPlan, build_rows, packing_stats, shard_schema
 from prep.spill import ExampleStore
 
@@ -103,6 +106,11 @@ def check_output(out_dir: str | Path, overwrite: bool) -> None:
     Raises:
         OutputExistsError: it exists and `overwrite` is False, or it exists but is not a prep shards folder.
     """
+    if is_url(os.fspath(out_dir)):
+        from prep.remote import check_output_url
+
+        check_output_url(os.fspath(out_dir), overwrite=overwrite, folder=True)
+        return
     out_dir = Path(out_dir)
     if not out_dir.exists() and not out_dir.is_symlink():
         return
@@ -131,6 +139,12 @@ def staging_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Pat
     >>> sorted(os.listdir(out))
     ['manifest.json']
     """
+    if is_url(os.fspath(out_dir)):
+        from prep.remote import staged_folder
+
+        with staged_folder(os.fspath(out_dir), overwrite=overwrite) as tmp:
+            yield tmp
+        return
     out_dir = Path(out_dir)
     check_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,8 @@ class PackConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    inputs: list[str] = Field(min_length=1, description="input files, folders or globs (unified or raw)")
-    output: str = Field(description="output folder for the shards")
+    inputs: list[str] = Field(min_length=1, description="input files, folders, globs or URLs (unified or raw)")
+    output: str = Field(description="output folder (or s3://, gs://, az:// URL) for the shards")
     format: FormatOption = Field("auto", description="input format, or auto to detect per file")
     tokenizer: str | None = Field(None, description="local folder or hub id; None = embedded demo tokenizer")
     trust_remote_code: bool = Field(False, description="allow a hub tokenizer's own code to run")
@@ -44,6 +44,8 @@ class PackConfig(BaseModel):
     recipe: str | None = Field(None, description="recipe file (YAML/TOML): sources, weights, split, options")
     val_fraction: float | None = Field(None, ge=0, lt=1, description="share of every source held out for validation")
     val_size: int | None = Field(None, ge=0, description="conversations of every source held out for validation")
+    subset: str | None = Field(None, description="config of hub dataset inputs (hf://datasets/...); None = default")
+    split: str | None = Field(None, description="split of hub dataset inputs (a+b joins); None = the only or train")
 
     @model_validator(mode="after")
     def _one_split_policy(self) -> "PackConfig":

@@ -221,3 +221,33 @@ def test_docstring_examples():
 
     result = doctest.testmod(importlib.import_module("prep.example_templates"))
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_a_mixed_folder_read_from_a_url_keeps_its_templates(mixed, tmp_path, monkeypatch):
+    """Shards at a URL are read from a local copy: example_templates.arrow comes with them (checked by sha256)."""
+    import shutil
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Files(SimpleHTTPRequestHandler):  # a static web server: files by name, no folder listings
+        def list_directory(self, path):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    _, shards, _ = mixed
+    shutil.copytree(shards, tmp_path / "www" / "shards")
+    monkeypatch.setenv("PREP_CACHE", str(tmp_path / "cache"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Files, directory=str(tmp_path / "www")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/shards"
+        assert verify_shards(url).ok
+        assert shard_stats(url).by_template == shard_stats(shards).by_template
+        remote = [[v.template for v in view.examples] for view in iter_row_views(url)]
+        assert remote == [[v.template for v in view.examples] for view in iter_row_views(shards)]
+    finally:
+        server.shutdown()
+        server.server_close()
