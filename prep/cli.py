@@ -262,7 +262,7 @@ def train(
     shards: Annotated[str, typer.Argument(help="Folder (or URL) written by `prep pack`.")],
     out_dir: Annotated[str, typer.Option("--out-dir", "-o", help="Checkpoints, metrics.jsonl and the final model.")] = "out",
     model: Annotated[str, typer.Option(help="Local folder or hub id; empty = random init from --model-config.")] = "",
-    model_config: Annotated[str, typer.Option("--model-config", help="Built-in config for random init: tiny|small|0.5b.")] = "tiny",
+    model_config: Annotated[str, typer.Option("--model-config", help="Built-in config for random init: tiny|small|0.5b|0.5b-qwen.")] = "tiny",
     attn_implementation: Annotated[str, typer.Option("--attn-implementation", help="auto|sdpa|eager|flex_attention|"
                                    "flash_attention_2|flash_attention_3 (auto: flash_attention_2 if installed on CUDA, "
                                    "else sdpa).")] = "auto",

@@ -345,10 +345,12 @@ def block_mask(position_ids: torch.Tensor, window: int | None = None):
     """A flex-attention BlockMask, causal within each example of each row, built on position_ids' device.
 
     Unlike the dense 4D mask, its kernel skips the blocks between examples, so attention costs what the
-    examples need rather than what the row length needs. `window` as in `block_causal_mask`.
-    """
-    from torch.nn.attention.flex_attention import create_block_mask
+    examples need rather than what the row length needs. `window` as in `block_causal_mask`. On CUDA the
+    builder is compiled (once per shape), so no dense batch x len x len mask is materialised per micro-batch.
 
+    >>> block_mask(torch.tensor([[0, 1, 2, 0, 1]])).mask_mod(0, 0, torch.tensor(3), torch.tensor(2)).item()
+    False
+    """
     doc = example_index(position_ids)
 
     def same_example_causal(b, h, q, k):
@@ -356,9 +358,22 @@ def block_mask(position_ids: torch.Tensor, window: int | None = None):
         return allowed if window is None else allowed & (q - k < window)
 
     batch, length = position_ids.shape
-    return create_block_mask(
-        same_example_causal, B=batch, H=None, Q_LEN=length, KV_LEN=length, device=position_ids.device
-    )
+    build = _block_mask_builder(position_ids.device.type == "cuda")
+    return build(same_example_causal, B=batch, H=None, Q_LEN=length, KV_LEN=length, device=position_ids.device)
+
+
+_COMPILED_BLOCK_MASK: list = []  # torch.compile(create_block_mask), made on first use on CUDA
+
+
+def _block_mask_builder(compiled: bool):
+    """`create_block_mask`, compiled when asked (the way PyTorch recommends; uncompiled it builds a dense mask)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if not compiled:
+        return create_block_mask
+    if not _COMPILED_BLOCK_MASK:
+        _COMPILED_BLOCK_MASK.append(torch.compile(create_block_mask))
+    return _COMPILED_BLOCK_MASK[0]
 
 
 def cu_seq_lens(position_ids: torch.Tensor) -> torch.Tensor:
@@ -376,8 +391,25 @@ def cu_seq_lens(position_ids: torch.Tensor) -> torch.Tensor:
 def _mask(position_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype, window: int | None) -> Any:
     """The block-diagonal mask in the form the path takes: BlockMask (flex), bool (sdpa) or additive (eager)."""
     if attn_implementation in FLEX_PATHS:
+        check_flex_device(position_ids.device)
         return block_mask(position_ids, window)
     return block_causal_mask(position_ids, torch.bool if attn_implementation == "sdpa" else dtype, window)
+
+
+FLEX_ON_CPU = (  # why, for the messages that refuse flex_attention off CUDA
+    "PyTorch's compiled CPU flex_attention kernel returns wrong values on some CPUs (measured on AVX2 machines "
+    "without AVX-512: errors near 1 or NaN for sequence lengths of 8 mod 16, torch 2.13) and has no backward; use "
+    "sdpa on the CPU (the same block-diagonal mask as a dense tensor)"
+)
+
+
+def check_flex_device(device: torch.device | str) -> None:
+    """Refuse flex_attention off CUDA (see FLEX_ON_CPU); ConfigError saying why and what to use instead.
+
+    >>> check_flex_device("cuda:0")
+    """
+    if torch.device(device).type != "cuda":
+        raise ConfigError(f"flex_attention runs only on CUDA: {FLEX_ON_CPU}")
 
 
 ALL_LAYERS = "*"  # the key of `attention_windows` when every layer has the same window
@@ -481,6 +513,8 @@ class Collator:
     Default (static shapes): every row is padded to `max_len`. The pad tail gets input_ids = pad_id,
     labels = -100 and position_ids 0..k-1, i.e. it is its own fake example, so under a block-diagonal mask
     pad tokens attend only to each other and no real token attends to them.
+    pad_to_multiple_of=m: pad only to the batch's longest row rounded up to a multiple of m (at most max_len),
+    as trainers with dynamic padding do; the trainer uses it for unpacked (one example per row) shards.
     padding_free=True: rows are concatenated into one (1, total) row, with cu_seq_lens_q/k and
     max_length_q/k for flash-attention varlen kernels.
     attn_implementation: if given, also add `packed_attention_kwargs` (e.g. the 4D mask for sdpa), so that
@@ -500,6 +534,7 @@ class Collator:
         padding_free: bool = False,
         attn_implementation: str | None = None,
         windows: Mapping[str, int | None] | None = None,
+        pad_to_multiple_of: int | None = None,
     ):
         if attn_implementation in FLEX_PATHS:
             raise ConfigError(
@@ -507,8 +542,11 @@ class Collator:
                 "trainers do not move it there; call packed_attention_kwargs(position_ids.to(device), "
                 "'flex_attention') in the training step instead"
             )
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ConfigError(f"Collator(pad_to_multiple_of={pad_to_multiple_of}): must be >= 1 (or None for max_len)")
         self.max_len, self.pad_id, self.padding_free = max_len, pad_id, padding_free
         self.attn_implementation, self.windows = attn_implementation, windows
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ids, labels, pos = (
@@ -537,8 +575,12 @@ class Collator:
         return batch
 
     def _pad(self, seqs: list[torch.Tensor], tail) -> torch.Tensor:
-        """Stack `seqs` into (batch, max_len), filling each row's tail with `tail(n)`."""
-        return torch.stack([torch.cat([s, tail(self.max_len - len(s)).to(torch.long)]) for s in seqs])
+        """Stack `seqs` into (batch, padded length), filling each row's tail with `tail(n)`."""
+        length = self.max_len
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            length = min(self.max_len, -(-max(len(s) for s in seqs) // m) * m)
+        return torch.stack([torch.cat([s, tail(length - len(s)).to(torch.long)]) for s in seqs])
 
 
 def iter_rows(shards: Shards) -> Iterator[dict[str, np.ndarray]]:

@@ -1,4 +1,4 @@
-"""Built-in Llama-style configs for random-init runs: `prep train --model-config tiny|small|0.5b`.
+"""Built-in Llama-style configs for random-init runs: `prep train --model-config tiny|small|0.5b|0.5b-qwen`.
 
 Imports only transformers and the stdlib. Sizes are given for a 32k vocabulary; the vocabulary
 always comes from the shards' tokenizer (the embedded byte-level one has about 270 tokens).
@@ -37,6 +37,18 @@ MODEL_CONFIGS: dict[str, dict] = {
         num_attention_heads=12,
         num_key_value_heads=4,
         tie_word_embeddings=False,
+    ),
+    # The shape of Qwen2.5-0.5B (as a Llama config: no q/k/v biases): 0.49B params with its 151,665-token
+    # vocabulary, 0.36B besides the (tied) embeddings. The GPU benchmark's model (benchmarks/gpu_check.py).
+    "0.5b-qwen": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
     ),
 }
 

@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from prep.errors import ConfigError, OutputExistsError, PrepError
 from prep.load import (
+    FLEX_ON_CPU,
     IGNORE_INDEX,
     FLEX_PATHS,
     ISOLATED_PATHS,
@@ -112,25 +113,54 @@ class Position:
 class MicroBatch:
     """One collated micro-batch and what it holds (real tokens and examples, padding excluded)."""
 
-    inputs: dict[str, torch.Tensor]
+    inputs: dict[str, Any]
     position: Position
     tokens: int
     examples: int
-    squared_lengths: int  # sum of the squared example lengths (the attention work of the batch)
+    causal_pairs: int  # sum of n(n+1)/2 over its examples of n tokens: the (query, key) pairs causal attention computes
 
 
 def setup_distributed(device: str = "auto") -> Dist:
     """Read torchrun's environment, start the process group if there are several ranks, pick the device."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", 0)), world_size)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank=rank, world_size=world_size, device=dev)
+
+
+def resolve_device(
+    device: str, local_rank: int = 0, world_size: int = 1, cuda_available: bool | None = None
+) -> torch.device:
+    """This process's device: `auto` is cuda when CUDA is available, else cpu; `cuda` without an index becomes
+    cuda:LOCAL_RANK (under torchrun each rank takes its own GPU); an explicit index is kept on one process.
+
+    Raises:
+        ConfigError: an unknown device, or an explicit cuda index under torchrun (every rank on one GPU).
+
+    >>> resolve_device("cuda", local_rank=3, world_size=8)
+    device(type='cuda', index=3)
+    >>> resolve_device("auto", cuda_available=False)
+    device(type='cpu')
+    """
+    if device == "auto":
+        device = "cuda" if (torch.cuda.is_available() if cuda_available is None else cuda_available) else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"--device {device!r}: {e}; use auto, cpu, cuda or cuda:N") from e
+    if dev.type != "cuda":
+        return dev
+    if dev.index is None:
+        return torch.device("cuda", local_rank)
+    if world_size > 1:
+        raise ConfigError(
+            f"--device {device} under torchrun would put all {world_size} ranks on one GPU; pass --device cuda "
+            "(or auto): each rank then takes cuda:LOCAL_RANK"
+        )
+    return dev
 
 
 def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
@@ -144,10 +174,7 @@ def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
 def resolve_attention(requested: str, device: torch.device) -> str:
     """The attention path to load the model with; `auto` prefers flash_attention_2 on CUDA when installed."""
     if requested in FLEX_PATHS and device.type != "cuda":
-        raise ConfigError(
-            f"--attn-implementation {requested} trains only on CUDA (PyTorch has no CPU backward for it); "
-            "use sdpa on the CPU"
-        )
+        raise ConfigError(f"--attn-implementation {requested} trains only on CUDA: {FLEX_ON_CPU}")
     if requested != "auto":
         return requested
     if device.type == "cuda":
@@ -181,27 +208,87 @@ def build_model(config: TrainConfig, shards: Shards, device: torch.device):
             tok.get("eos_token_id"),
             shards.pad_token_id,
         )
-        model = AutoModelForCausalLM.from_config(cfg, **kwargs)
+        with device:  # initialised where it trains: a 0.5B model takes seconds on the CPU, a fraction on a GPU
+            model = AutoModelForCausalLM.from_config(cfg, **kwargs)
     vocab = max(len(tokenizer), int(shards.manifest["tokenizer"].get("vocab_size", 0)))
     if vocab > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab)  # the shards' tokenizer added marker tokens
     if config.gradient_checkpointing:  # renamed activation_checkpointing_enable in transformers 5.x
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    if attn in FLEX_PATHS:
+        cast_flex_attention_inputs()
     return model.to(device), tokenizer
+
+
+def cast_flex_attention_inputs() -> None:
+    """Make transformers' flex_attention path hand the kernel q, k and v in the autocast dtype when autocast is on.
+
+    Under bf16 autocast with fp32 weights, the rotary embedding leaves q and k in fp32 while v is bf16. sdpa is cast
+    by autocast itself, but flex_attention is on none of autocast's lists: older torch rejects the mix, newer torch
+    upcasts k and v and runs the whole attention in fp32 (several times slower). prep casts the three as autocast
+    would. Idempotent; without autocast the inputs pass unchanged.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    current = ALL_ATTENTION_FUNCTIONS["flex_attention"]
+    if not getattr(current, "casts_to_autocast_dtype", False):
+        ALL_ATTENTION_FUNCTIONS["flex_attention"] = autocast_dtype_inputs(current)
+
+
+def autocast_dtype_inputs(attention: Callable) -> Callable:
+    """`attention(module, q, k, v, ...)` with q, k, v cast to the autocast dtype of their device when autocast is on.
+
+    >>> f = autocast_dtype_inputs(lambda m, q, k, v, *a, **kw: (q.dtype, k.dtype, v.dtype))
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+    ...     f(None, torch.ones(1), torch.ones(1), torch.ones(1, dtype=torch.bfloat16))
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16)
+    """
+
+    def cast(module, query, key, value, *args, **kwargs):
+        kind = query.device.type
+        if torch.is_autocast_enabled(kind):
+            dtype = torch.get_autocast_dtype(kind)
+            query, key, value = (t.to(dtype) if t.is_floating_point() else t for t in (query, key, value))
+        return attention(module, query, key, value, *args, **kwargs)
+
+    cast.casts_to_autocast_dtype = True
+    return cast
+
+
+# Files of which at least one is in every tokenizer that AutoTokenizer loads from a folder.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken")
 
 
 def check_same_tokenizer(model_name: str, shards_tokenizer, trust_remote_code: bool = False) -> None:
     """Refuse shards packed with another tokenizer than the model's own: their ids would mean other tokens.
 
     Every token of the model's tokenizer must have the same id in the shards' tokenizer (which may add tokens,
-    e.g. markers from `--add-special-tokens`). A model that ships no tokenizer is not checked.
+    e.g. markers from `--add-special-tokens`). A model folder without any tokenizer file is not checked, and
+    stderr says so; a tokenizer that is there but cannot be loaded is an error, never a skipped check.
+
+    Raises:
+        ConfigError: different ids, or the model's tokenizer fails to load.
     """
     from transformers import AutoTokenizer
 
+    folder = Path(model_name)
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        print(
+            f"warning: --model {model_name} ships no tokenizer, so the shards' token ids are not checked against "
+            "the model's; make sure the shards were packed with the tokenizer this model was trained with",
+            file=sys.stderr,
+        )
+        return
     try:
         model_tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
-    except Exception:  # OSError, ValueError...: the model has no (readable) tokenizer of its own
-        return
+    except Exception as e:  # OSError, ValueError, a tokenizer library error...: whatever it is, say it
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(
+            f"--model {model_name}: its tokenizer cannot be loaded ({type(e).__name__}: {reason}), so the shards' "
+            "token ids cannot be checked against it; fix the model's tokenizer files (a model folder without "
+            "any tokenizer file trains unchecked, with a warning)"
+        ) from e
     shard_vocab = shards_tokenizer.get_vocab()
     different = [t for t, i in model_tokenizer.get_vocab().items() if shard_vocab.get(t) != i]
     if different:
@@ -246,24 +333,69 @@ def check_packed_attention(model) -> PackedAttention:
 
 
 def wrap_model(model, config: TrainConfig, d: Dist):
-    """torch.compile if asked, then DDP or FSDP2 (fully_shard per decoder layer) when there are several ranks."""
-    if config.fsdp and d.world_size > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    """Compile the decoder layers in place if asked, then DDP or FSDP2 (fully_shard per layer) on several ranks.
 
-        mesh = init_device_mesh(d.device.type, (d.world_size,))
-        block_names = set(getattr(model, "_no_split_modules", None) or [])
-        for module in model.modules():
-            if type(module).__name__ in block_names:
-                fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+    Compiling layer by layer (see compile_layers) keeps DDP's and FSDP2's hooks outside the compiled graphs: DDP
+    all-reduces each layer's gradients as soon as its compiled backward is done, overlapping the rest of the
+    backward pass, as in eager mode (a whole-model compile applied before DDP would disable that overlap).
+    The model keeps its own module tree and state-dict keys.
+    """
     if config.compile:
-        model = torch.compile(model)
-    if d.world_size > 1 and not config.fsdp:
+        compile_layers(model)
+    if config.fsdp and d.world_size > 1:
+        shard_model(model, d, resolve_precision(config.precision, d.device))
+    elif d.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     return model
+
+
+def compile_layers(model) -> list[torch.nn.Module]:
+    """torch.compile every decoder layer in place (regional compilation); the whole model if it names no layer type.
+
+    The layers run the same code on same-shaped inputs, so they share one compiled graph: compiling costs about
+    one layer's time rather than the whole model's, for most of the speed-up (fused norms, activations and
+    residuals inside each layer; the embeddings, the head and the loss stay eager). Returns what was compiled.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names] or [model]
+    for layer in layers:
+        layer.compile()
+    return layers
+
+
+def shard_model(model, d: Dist, precision: str) -> None:
+    """FSDP2 in place: fully_shard every decoder layer, then the whole model, over all ranks of `d`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    policy = fsdp_mixed_precision(precision)
+    kwargs = {"mesh": mesh} if policy is None else {"mesh": mesh, "mp_policy": policy}
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in block_names:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def fsdp_mixed_precision(precision: str):
+    """FSDP2's policy for a bf16 run: weights gathered in bf16, gradients reduced in fp32; None for fp32.
+
+    FSDP2 without a policy gathers fp32 weights and reduces fp32 gradients, and autocast then re-casts every weight
+    in every micro-batch. The fp32 master weights and optimizer state stay sharded either way.
+
+    >>> fsdp_mixed_precision("bf16").param_dtype
+    torch.bfloat16
+    """
+    if precision != "bf16":
+        return None
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+    except ImportError:  # torch < 2.6 kept FSDP2 under _composable
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def configure_optimizer(model, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -317,9 +449,23 @@ def micro_batches(dataset: PackedDataset, collate: Collator, batch_size: int, st
             b += 1
             lengths = torch.cat([r["seq_lengths"] for r in rows])
             yield MicroBatch(
-                collate(rows), Position(epoch, b), int(lengths.sum()), len(lengths), int((lengths * lengths).sum())
+                collate(rows), Position(epoch, b), int(lengths.sum()), len(lengths), int((lengths * (lengths + 1)).sum()) // 2
             )
         epoch, b = epoch + 1, 0
+
+
+def take_window(batches: Iterator[MicroBatch], n: int, pin: bool) -> list[MicroBatch]:
+    """The next `n` micro-batches; their tensors in pinned memory when `pin` (CUDA), so copies to the GPU are async."""
+    window = [next(batches) for _ in range(n)]
+    if pin:
+        for mb in window:
+            mb.inputs = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in mb.inputs.items()}
+    return window
+
+
+def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on `device` (asynchronous from pinned memory); ints such as max_length_q stay as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
 def trained_tokens(labels: torch.Tensor) -> int:
@@ -327,22 +473,93 @@ def trained_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def packed_logits(model, inputs: dict[str, torch.Tensor], attn: PackedAttention | str) -> torch.Tensor:
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def packed_logits(model, inputs: dict[str, Any], attn: PackedAttention | str) -> torch.Tensor:
     """Logits of a micro-batch of packed rows, each example attending only to its own earlier tokens."""
-    spec = attn if isinstance(attn, PackedAttention) else PackedAttention(attn)
-    boundaries = spec.kwargs(inputs["position_ids"], dtype=torch.float32)
+    boundaries = example_boundaries(inputs, attn)
     # use_cache=False: with a KV cache transformers also drops its own packed-sequence detection (measured on 5.24).
     return model(
         input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False, **boundaries
     ).logits
 
 
+def example_boundaries(inputs: dict[str, Any], attn: PackedAttention | str) -> dict[str, Any]:
+    """The packed-example boundaries of a batch in the form its attention path takes.
+
+    On the flash paths the collator's cu_seq_lens and max lengths (computed on the host) are used as they are:
+    rebuilding them from position_ids on the GPU would cost two host syncs per micro-batch.
+
+    >>> rows = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "position_ids": [0, 1, 0]}]
+    >>> batch = Collator(8, 0, padding_free=True)(rows)
+    >>> example_boundaries(batch, "flash_attention_2")["cu_seq_lens_q"] is batch["cu_seq_lens_q"]
+    True
+    """
+    spec = attn if isinstance(attn, PackedAttention) else PackedAttention(attn)
+    if spec.implementation in VARLEN_PATHS and all(k in inputs for k in VARLEN_KEYS):
+        return {k: inputs[k] for k in VARLEN_KEYS}
+    return spec.kwargs(inputs["position_ids"], dtype=torch.float32)
+
+
+LOSS_CHUNK_ELEMENTS = 2**27  # logits per cross-entropy chunk: 512 MiB in fp32
+
+
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """Cross-entropy of next-token predictions against unshifted HF labels (-100 ignored), in fp32."""
-    flat = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
-    )
-    return flat if reduction == "sum" else flat.view(labels.shape[0], -1)
+    """Cross-entropy of next-token predictions against unshifted HF labels (-100 ignored), in fp32.
+
+    reduction="sum" (training and evaluation) works through chunks of about LOSS_CHUNK_ELEMENTS logits, each cast
+    to fp32 on its own, and computes the gradient with respect to the logits in the same pass (softmax minus the
+    one-hot target, in the logits' dtype). Autograd then keeps that gradient instead of the logits, and no fp32
+    copy of all batch x length x vocab logits ever exists: such a copy takes about 17 GB for a 128k vocabulary at
+    8 x 4096, and the plain loss keeps two (the cast and the log-softmax). Its backward pass runs once.
+    "none" gives the (batch, length - 1) per-token losses.
+
+    >>> logits, labels = torch.zeros(1, 3, 5), torch.tensor([[-100, 1, 2]])
+    >>> round(token_losses(logits, labels).item(), 4)  # two tokens at log(5) each
+    3.2189
+    """
+    if reduction != "sum":
+        flat = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        return flat.view(labels.shape[0], -1)
+    ignore = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
+    targets = torch.cat([labels[:, 1:], ignore], dim=1).flatten()  # each position's next token; -100 at row ends
+    return _ChunkedCrossEntropy.apply(logits.flatten(0, 1), targets)  # a view: the logits are not copied
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of (tokens, vocab) logits, chunk by chunk, its gradient computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // logits.shape[-1])
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], chunk):
+            t = targets[start : start + chunk]
+            valid, index = (t != IGNORE_INDEX)[:, None], t.clamp(min=0)[:, None]
+            logp = torch.log_softmax(logits[start : start + chunk].float(), dim=-1)
+            total -= (logp.gather(1, index) * valid).sum()
+            if grad is not None:  # d(loss)/d(logits) = softmax - one_hot(target), zero where the target is ignored
+                probs = logp.exp_().scatter_add_(1, index, torch.full_like(index, -1, dtype=logp.dtype))
+                grad[start : start + chunk] = probs.mul_(valid)
+        ctx.save_for_backward(grad)
+        ctx.used = False
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        if ctx.used:
+            raise RuntimeError("token_losses: the backward pass of the summed loss runs once (retain_graph is not "
+                               "supported: its gradient is scaled in place)")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // grad.shape[-1])
+        for part in grad.split(chunk):  # scaled in fp32, chunk by chunk: a bf16 scale would be off by up to 0.4 %
+            part.copy_(part.float().mul_(grad_output))
+        return grad, None
 
 
 def token_loss_sum(model, inputs: dict[str, torch.Tensor], attn: PackedAttention | str) -> torch.Tensor:
@@ -360,39 +577,78 @@ def grad_sync(model, enabled: bool):
 
 
 def forward_backward(
-    model, window: list[dict[str, torch.Tensor]], attn: PackedAttention | str, d: Dist, autocast=nullcontext
-) -> tuple[float, float]:
+    model, window: list[dict[str, Any]], attn: PackedAttention | str, d: Dist, autocast=nullcontext
+) -> tuple[torch.Tensor, float]:
     """Accumulate the gradient of sum(token losses) / (trained tokens over all micro-batches and ranks).
 
     DDP and FSDP average gradients over ranks, hence the factor world_size. Returns the summed loss of this
-    rank and the global trained-token count.
+    rank (a device scalar: reading it would wait for the GPU) and the global trained-token count. The tokens are
+    counted on the host from the CPU batches, so one process never waits for the GPU here.
     """
-    (n_trained,) = all_reduce_sum([sum(trained_tokens(mb["labels"]) for mb in window)], d)  # counted on the host
+    n_trained = float(sum(trained_tokens(mb["labels"]) for mb in window))
+    if d.world_size > 1:
+        (n_trained,) = all_reduce_sum([n_trained], d)
     loss_sum = torch.zeros((), device=d.device)
     for i, mb in enumerate(window):
-        inputs = {k: v.to(d.device, non_blocking=True) for k, v in mb.items() if torch.is_tensor(v)}
+        inputs = to_device(mb, d.device)
         with grad_sync(model, enabled=i == len(window) - 1):
             with autocast():
                 s = token_loss_sum(model, inputs, attn)
             (s * d.world_size / max(n_trained, 1.0)).backward()
         loss_sum += s.detach()
-    return loss_sum.item(), n_trained
+    return loss_sum, n_trained
 
 
-def validation_set(config: TrainConfig, d: Dist) -> PackedDataset | None:
-    """The validation rows of this rank (fixed order), or None when the shards have no validation split.
+def validation_set(config: TrainConfig, d: Dist) -> ValidationRows | None:
+    """The validation rows of this rank (see ValidationRows), or None when the shards have no validation split.
 
-    Every rank gets the same number of rows (the last `rows % world_size` are left out), so every rank runs
-    the same number of forward passes, as DDP and FSDP need.
+    Raises:
+        ConfigError: --eval-every on shards without a validation split, or with an empty one (without
+            --eval-every an empty split is said on stderr and skipped).
     """
     if "validation" not in split_names(config.shards):
         if config.eval_every:
             raise ConfigError(f"--eval-every: {config.shards} has no validation split; pack it with --val-fraction")
         return None
     shards = load_shards(config.shards, split="validation")
-    if shards.num_rows < d.world_size:
+    if shards.num_rows == 0:
+        message = f"{shards.path}: the validation split has no rows; pack with a larger --val-fraction"
+        if config.eval_every:
+            raise ConfigError(f"--eval-every: {message}")
+        if d.is_main:
+            print(f"warning: {message} (no validation loss is reported)", file=sys.stderr)
         return None
-    return PackedDataset(shards, d.rank, d.world_size, seed=0, shuffle=False)
+    return ValidationRows(shards, d.rank, d.world_size)
+
+
+class ValidationRows(torch.utils.data.Dataset):
+    """Every validation row exactly once over all ranks, in file order: rank r takes rows r, r + world_size, ...
+
+    Each rank gets ceil(rows / world_size) items, so every rank runs the same number of forward passes, as DDP and
+    FSDP need, even with fewer rows than ranks. The items past the last row repeat row 0 with every label -100:
+    they add nothing to the loss or to the trained-token count.
+
+    >>> [len(ValidationRows(shards_of_5_rows, rank, 2)) for rank in (0, 1)]  # doctest: +SKIP
+    [3, 3]
+    """
+
+    def __init__(self, shards: Shards, rank: int = 0, world_size: int = 1):
+        self.rows = PackedDataset(shards, shuffle=False)
+        per_rank = math.ceil(len(self.rows) / world_size)
+        self.indices = [rank + i * world_size for i in range(per_rank)]
+
+    def set_epoch(self, epoch: int) -> None:
+        """The order is fixed (PackedDataset's interface)."""
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.indices[index]
+        if row < len(self.rows):
+            return self.rows[row]
+        filler = self.rows[0]
+        return {**filler, "labels": torch.full_like(filler["labels"], IGNORE_INDEX)}
 
 
 def evaluate(
@@ -417,7 +673,7 @@ def evaluate(
     model.eval()
     with torch.no_grad():
         for _ in range(n_batches):
-            inputs = {k: v.to(d.device) for k, v in next(batches).inputs.items() if torch.is_tensor(v)}
+            inputs = to_device(next(batches).inputs, d.device)
             with autocast():
                 loss_sum += token_loss_sum(model, inputs, attn).item()
             n_trained += trained_tokens(inputs["labels"])
@@ -427,27 +683,38 @@ def evaluate(
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 100.0)), "val_tokens": int(n_trained)}
 
 
-def clip_gradients(model, max_norm: float) -> float:
-    """Clip the global gradient norm (0 = only measure it); return the norm before clipping."""
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (0 = only measure it); return the norm before clipping, as a device scalar."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """bf16 or fp32: `auto` is bf16 on a CUDA device that supports it, else fp32.
+
+    >>> resolve_precision("auto", torch.device("cpu"))
+    'fp32'
+    """
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise ConfigError(f"--precision {precision!r}: valid values are auto, bf16, fp32")
+    return precision
 
 
 def autocast_for(precision: str, device: torch.device):
     """A context factory: bf16 autocast (weights stay fp32) or nothing."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "bf16":
+    if resolve_precision(precision, device) == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp32":
-        return nullcontext
-    raise ConfigError(f"--precision {precision!r}: valid values are auto, bf16, fp32")
+    return nullcontext
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) by device-name substring; the first match wins.
+# Dense bf16 tensor-core peaks (FLOP/s, NVIDIA datasheets) by device-name substring; the first match wins, so
+# the variants (PCIe, NVL: lower clocks and power) come before their family.
 PEAK_BF16_FLOPS = [
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
     ("GH200", 989e12),
     ("H100", 989e12),
     ("H200", 989e12),
@@ -463,25 +730,35 @@ def peak_flops(device: torch.device, precision: str, peak_tflops: float = 0.0) -
     """`peak_tflops` if given, else the device's dense bf16 peak, or None (CPU, fp32 runs, unknown GPU: no MFU)."""
     if peak_tflops > 0:
         return peak_tflops * 1e12
-    if device.type != "cuda" or precision == "fp32":
+    if device.type != "cuda" or resolve_precision(precision, device) == "fp32":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+    return peak_bf16_flops(torch.cuda.get_device_name(device))
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The dense bf16 peak (FLOP/s) of a GPU by its name, or None for a GPU outside PEAK_BF16_FLOPS.
+
+    >>> peak_bf16_flops("NVIDIA H200 NVL") / 1e12, peak_bf16_flops("NVIDIA H200") / 1e12
+    (835.0, 989.0)
+    """
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in device_name), None)
 
 
 @dataclass(frozen=True)
 class FlopCount:
-    """Training FLOPs of a decoder-only model, the usual way: 6·N per token for the matmuls (N without the input
-    embedding lookup) plus 12·L·H·d_head per pair of a token and a token of its own example (attention scores and
-    values, forward and backward). Attention is counted per example, so a packed row is not credited with
-    attention between its examples, which the block-diagonal mask never computes."""
+    """Training FLOPs of a decoder-only model: 6·N per token for the matmuls (N without the input embedding
+    lookup), plus 12·L·H·d_head per (query, key) pair that causal attention computes: 2·d_head for the score and
+    2·d_head for the weighted value, per head and layer, times 3 for forward and backward. An example of n tokens
+    has n(n+1)/2 causal pairs, so only pairs inside one example count: a packed row is not credited with
+    attention between its examples, which its mask never computes, nor with the masked upper triangle (the
+    PaLM-paper convention counts all n² pairs, which reads a few percent higher at long lengths)."""
 
     per_token: float
     per_pair: float
 
-    def step(self, tokens: int, squared_lengths: int) -> float:
-        """FLOPs of a step over `tokens` real tokens whose examples' squared lengths sum to `squared_lengths`."""
-        return self.per_token * tokens + self.per_pair * squared_lengths
+    def step(self, tokens: int, causal_pairs: int) -> float:
+        """FLOPs of a step over `tokens` real tokens whose examples hold `causal_pairs` = Σ n(n+1)/2 pairs."""
+        return self.per_token * tokens + self.per_pair * causal_pairs
 
 
 def count_flops(model) -> FlopCount:
@@ -672,13 +949,61 @@ def describe(m: dict[str, Any]) -> str:
     return text + (f"  mfu {m['mfu']:.1%}" if "mfu" in m else "")
 
 
+class Progress:
+    """Training progress on rank 0: a live rich bar on a terminal; elsewhere (a log file, CI) plain lines on stderr.
+
+    A plain line is printed at the first and the last step, every `total / lines` steps and whenever `seconds` have
+    passed since the last one, with the validation loss when the step has one:
+    `step 40/200  loss 1.2345  lr 3.00e-03  tok/s 12,345 (trained 6,789)  ex/step 8  elapsed 0:01:02`.
+    """
+
+    def __init__(self, enabled: bool, total: int, done: int, lines: int = 20, seconds: float = 60.0, plain=None):
+        from rich.console import Console
+
+        console = Console()
+        self.enabled, self.total, self.every, self.seconds = enabled, total, max(1, total // lines), seconds
+        self.plain = not (console.is_terminal or console.is_jupyter) if plain is None else plain
+        self.bar = progress_bar(enabled and not self.plain)
+        self.task = self.bar.add_task("train", total=total, completed=done, metrics="")
+        self.start = self.last = time.monotonic()
+
+    def __enter__(self) -> Progress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        """Show the metrics of `step` (bar) or print them when a line is due (plain)."""
+        self.bar.update(self.task, completed=step, metrics=describe(metrics))
+        now = time.monotonic()
+        due = step in (1, self.total) or step % self.every == 0 or now - self.last >= self.seconds
+        if self.enabled and self.plain and due:
+            self.last = now
+            val = f"  val_loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+            elapsed = time.strftime("%H:%M:%S", time.gmtime(now - self.start))
+            print(f"step {step}/{self.total}  {describe(metrics)}{val}  elapsed {elapsed}", file=sys.stderr, flush=True)
+
+
+def step_totals(loss_sum: torch.Tensor, counts: list[float], d: Dist) -> list[float]:
+    """The step's loss sum and host-side counts, summed over ranks and read back from the device at once."""
+    values = torch.cat(
+        [loss_sum.detach().double().reshape(1), torch.tensor(counts, dtype=torch.float64).to(loss_sum.device)]
+    )
+    if d.world_size > 1:
+        dist.all_reduce(values)
+    return values.tolist()
+
+
 def train_model(config: TrainConfig) -> dict[str, Any]:
     """Train on packed shards; write checkpoints, metrics.jsonl and the final model + tokenizer to out_dir.
 
     Args:
         config: a TrainConfig (every field is a `prep train` flag).
     Returns:
-        The metrics of the last step (step, loss, lr, tokens_per_s, ...) plus out_dir.
+        The metrics of the last step (step, loss, lr, tokens_per_s, ...) plus the attention path used
+        (attn_implementation: what `auto` chose) and out_dir.
     Raises:
         ShardError: unreadable shards. ConfigError: bad options, or an attention path that would mix packed
         examples. OutputExistsError: out_dir holds a run and neither --resume nor --overwrite is given.
@@ -699,7 +1024,12 @@ def train_model(config: TrainConfig) -> dict[str, Any]:
     optimizer = configure_optimizer(raw_model, config, d.device)
     dataset = PackedDataset(shards, d.rank, d.world_size, config.seed)
     validation = validation_set(config, d)
-    collate = Collator(shards.max_len, shards.pad_token_id, padding_free=attn.implementation in VARLEN_PATHS)
+    collate = Collator(
+        shards.max_len,
+        shards.pad_token_id,
+        padding_free=attn.implementation in VARLEN_PATHS,
+        pad_to_multiple_of=None if shards.manifest["packed"] else UNPACKED_PAD_MULTIPLE,
+    )
     step, position = 0, Position()
     if config.resume:
         step, position = load_checkpoint(latest_checkpoint(out_dir), raw_model, optimizer, config, d)
@@ -709,26 +1039,25 @@ def train_model(config: TrainConfig) -> dict[str, Any]:
     log = MetricsLog(out_dir / "metrics.jsonl", d.is_main, step)
     model.train()
     metrics: dict[str, Any] = {}
-    with progress_bar(config.progress and d.is_main) as bar:
-        task = bar.add_task("train", total=steps, completed=step, metrics="")
+    pin = d.device.type == "cuda"
+    window = take_window(batches, config.grad_accum, pin) if step < steps else []
+    with Progress(config.progress and d.is_main, steps, step) as progress:
         while step < steps:
             t0 = time.perf_counter()
             lr = get_lr(step, steps, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            window = [next(batches) for _ in range(config.grad_accum)]
             loss_sum, n_trained = forward_backward(model, [mb.inputs for mb in window], attn, d, autocast)
             grad_norm = clip_gradients(model, config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step, position = step + 1, window[-1].position
-            loss_sum, tokens, examples, squared_lengths = all_reduce_sum(
-                [
-                    loss_sum,
-                    sum(mb.tokens for mb in window),
-                    sum(mb.examples for mb in window),
-                    sum(mb.squared_lengths for mb in window),
-                ],
+            step, position, done = step + 1, window[-1].position, window
+            # The GPU works through the step queued above while the host collates the next window; the read of
+            # the loss below is the step's only wait for the GPU.
+            window = take_window(batches, config.grad_accum, pin) if step < steps else []
+            loss_sum, tokens, examples, causal_pairs = step_totals(
+                loss_sum,
+                [sum(mb.tokens for mb in done), sum(mb.examples for mb in done), sum(mb.causal_pairs for mb in done)],
                 d,
             )
             dt = time.perf_counter() - t0
@@ -737,7 +1066,7 @@ def train_model(config: TrainConfig) -> dict[str, Any]:
                 "epoch": position.epoch,
                 "loss": loss_sum / max(n_trained, 1.0),
                 "lr": lr,
-                "grad_norm": grad_norm,
+                "grad_norm": float(grad_norm),
                 "tokens": int(tokens),
                 "trained_tokens": int(n_trained),
                 "examples": int(examples),
@@ -746,18 +1075,23 @@ def train_model(config: TrainConfig) -> dict[str, Any]:
                 "step_time_s": dt,
             }
             if peak:
-                metrics["mfu"] = flops.step(tokens, squared_lengths) / dt / (peak * d.world_size)
+                metrics["mfu"] = flops.step(tokens, causal_pairs) / dt / (peak * d.world_size)
+            if d.device.type == "cuda":
+                metrics["max_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
             if step % config.log_every == 0 or step == steps:
                 log.write(metrics)
-            bar.update(task, completed=step, metrics=describe(metrics))
             if validation is not None and (step == steps or config.eval_every and step % config.eval_every == 0):
                 scores = evaluate(model, validation, collate, config, attn, d, autocast)
                 log.write({"step": step, "split": "validation", **scores})
                 metrics.update(scores)
+            progress.update(step, metrics)
             if config.save_every and (step % config.save_every == 0 or step == steps):
                 save_checkpoint(out_dir, step, position, raw_model, optimizer, config, d)
     save_final(out_dir, raw_model, tokenizer, d)
-    return {**metrics, "out_dir": str(out_dir)}
+    return {**metrics, "attn_implementation": attn.implementation, "out_dir": str(out_dir)}
+
+
+UNPACKED_PAD_MULTIPLE = 64  # unpacked shards: rows padded to the batch's longest, rounded up to this (few shapes)
 
 
 def check_config(config: TrainConfig) -> None:

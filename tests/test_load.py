@@ -17,6 +17,7 @@ from prep.load import (
     PackedDataset,
     attention_windows,
     block_causal_mask,
+    block_mask,
     cu_seq_lens,
     iter_rows,
     load_shards,
@@ -226,7 +227,7 @@ def test_block_causal_mask_exact():
 
 def test_flex_block_mask_allows_exactly_what_the_dense_mask_allows():
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 0, 1]])
-    mask = packed_attention_kwargs(position_ids, "flex_attention")["attention_mask"]
+    mask = block_mask(position_ids)  # what packed_attention_kwargs passes on CUDA (it refuses flex on the CPU)
     b, q, k = torch.meshgrid(torch.arange(2), torch.arange(10), torch.arange(10), indexing="ij")
     allowed = mask.mask_mod(b, torch.zeros_like(b), q, k)
     assert mask.shape == (2, 1, 10, 10)
@@ -242,7 +243,9 @@ def test_windows_give_one_mask_per_layer_type_only_where_they_matter():
     assert masks["sliding_attention"][0, 0, 4].int().tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]
     wide = packed_attention_kwargs(position_ids, "sdpa", windows={"full_attention": None, "sliding_attention": 10})
     assert torch.equal(wide["attention_mask"], block_causal_mask(position_ids))  # a window >= the row changes nothing
-    flex = packed_attention_kwargs(position_ids, "flex_attention", windows={"*": 3})["attention_mask"]
+    with pytest.raises(ConfigError, match="flex_attention runs only on CUDA"):
+        packed_attention_kwargs(position_ids, "flex_attention", windows={"*": 3})
+    flex = block_mask(position_ids, window=3)  # what it passes on CUDA
     b, q, k = torch.meshgrid(torch.arange(1), torch.arange(10), torch.arange(10), indexing="ij")
     assert torch.equal(flex.mask_mod(b, torch.zeros_like(b), q, k), block_causal_mask(position_ids, window=3)[:, 0])
 
