@@ -110,7 +110,8 @@ def pack(
     dedup: Annotated[Optional[bool], typer.Option("--dedup/--no-dedup", help="Drop exact duplicate conversations.",
                                                   show_default="no")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Conversations per tokenizer call.")] = 2048,
-    workers: Annotated[int, typer.Option(help="Encoding processes; 0 = one per CPU for inputs >= 64 MiB, else 1. "
+    workers: Annotated[int, typer.Option(help="Encoding processes; 0 = one per CPU (at most 8) for inputs >= 64 MiB, "
+                                              "else 1. "
                                               "The output is the same for any number.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if anything was rejected or dropped.")] = False,
@@ -194,7 +195,8 @@ def inspect(
 @app.command()
 def stats(
     inputs: Annotated[list[str], typer.Argument(help="A shard folder (or URL), or input files.")],
-    plot: Annotated[Optional[str], typer.Option(help="Also write the length histogram to FILE (.png/.html/.svg).")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Also draw the statistics into FILE (.png/.svg/.pdf/.html) "
+                                                "with matplotlib: pip install 'prep-sft[plot]'.")] = None,
     top: Annotated[int, typer.Option(help="How many of the longest examples to list.")] = 5,
     bins: Annotated[int, typer.Option(help="Histogram bins.")] = 16,
     tokenizer: TokenizerOpt = None,
@@ -210,11 +212,14 @@ def stats(
     """Token-length distribution, tokens per role, trained fraction and packing efficiency."""
     from rich.console import Console
 
-    from prep.plot import write_histogram
     from prep.load import split_path
     from prep.remote import is_shard_folder
     from prep.stats import input_stats, render_stats, shard_stats
 
+    if plot:  # before any work: a wrong suffix or a missing matplotlib is one line, not a wasted run
+        from prep.plot import check_plot_path
+
+        check_plot_path(plot)
     if len(inputs) == 1 and is_shard_folder(inputs[0]):
         result = shard_stats(split_path(inputs[0], split), top=top)
     else:
@@ -223,7 +228,9 @@ def stats(
                              trust_remote_code=trust_remote_code)
     Console().print(render_stats(result, bins=bins))
     if plot:
-        write_histogram(plot, *result.histogram(bins), title="tokens per example")
+        from prep.plot import write_plot
+
+        write_plot(plot, result, bins=bins)
         Console().print(f"wrote {plot}", highlight=False, markup=False)
 
 

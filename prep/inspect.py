@@ -58,6 +58,7 @@ class ExampleView:
         pieces: its text as runs of trained/masked text, markers split out.
         tokens: the text each token adds when decoded in order (`token_texts`), for the id table.
         example_id: the conversation id (`id#k` for a split piece) when known (records, not shards).
+        template: the name of the template that rendered it, when the shards' sources use several.
     """
 
     index: int
@@ -67,6 +68,7 @@ class ExampleView:
     pieces: tuple[Piece, ...]
     tokens: tuple[str, ...]
     example_id: str | None = None
+    template: str | None = None
 
     @property
     def trained_tokens(self) -> int:
@@ -183,11 +185,15 @@ def example_views(
     labels: np.ndarray,
     seq_lengths: Sequence[int],
     tokenizer: Any,
-    markers: re.Pattern[str] | None = None,
+    markers: re.Pattern[str] | None | Sequence[re.Pattern[str] | None] = None,
     example: int | None = None,
     example_ids: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
 ) -> tuple[ExampleView, ...]:
     """Split a row at its example boundaries and decode each example (or only example `example`).
+
+    `markers` is one pattern for every example, or one per example (rows mixing templates); `templates`
+    names each example's template.
 
     Raises:
         ConfigError: `example` is outside the row.
@@ -204,13 +210,15 @@ def example_views(
         if not 0 <= example < len(lengths):
             raise ConfigError(f"--example {example}: the row holds examples 0..{len(lengths) - 1}")
         chosen = range(example, example + 1)
+    per_example = markers if isinstance(markers, Sequence) else [markers] * len(lengths)
     views = []
     for k in chosen:
         ids, labs = input_ids[starts[k] : starts[k] + lengths[k]], labels[starts[k] : starts[k] + lengths[k]]
         tokens = token_texts(tokenizer, ids)
         eid = example_ids[k] if example_ids is not None else None
-        pieces = tuple(label_pieces(ids, labs, tokenizer, markers, tokens))
-        views.append(ExampleView(k, int(starts[k]), ids, labs, pieces, tokens, eid))
+        pieces = tuple(label_pieces(ids, labs, tokenizer, per_example[k], tokens))
+        views.append(ExampleView(k, int(starts[k]), ids, labs, pieces, tokens, eid,
+                                 templates[k] if templates is not None else None))
     return tuple(views)
 
 
@@ -244,28 +252,26 @@ def iter_row_views(
     Raises:
         As `inspect_shards`, when a row is reached.
     """
+    from prep.example_templates import manifest_templates, read_example_templates, template_names
     from prep.load import load_shards
     from prep.tokenizer import load_tokenizer
 
     shards = load_shards(path)
     tokenizer = load_tokenizer(str(shards.tokenizer_path))
-    markers = marker_pattern(tokenizer, _manifest_template(shards.manifest))
+    patterns = [marker_pattern(tokenizer, t) for t in manifest_templates(shards.manifest)]
+    names = template_names(shards.manifest)
+    of_row = read_example_templates(shards.path, shards.manifest)  # None: every example used template 0
     columns = {name: shards.table.column(name) for name in ("input_ids", "labels", "seq_lengths")}
     for row in range(shards.num_rows) if rows is None else rows:
         if not 0 <= row < shards.num_rows:
             raise ConfigError(f"--row {row}: {path} has rows 0..{shards.num_rows - 1}")
         cells = {name: np.asarray(col[row].values, dtype=np.int64) for name, col in columns.items()}
-        views = example_views(cells["input_ids"], cells["labels"], cells["seq_lengths"], tokenizer, markers, example)
+        used = [0] * len(cells["seq_lengths"]) if of_row is None else of_row[row].values.to_pylist()
+        markers = [patterns[t] for t in used]
+        views = example_views(cells["input_ids"], cells["labels"], cells["seq_lengths"], tokenizer, markers, example,
+                              templates=[names[t] for t in used] if of_row is not None else None)
         title = f"{path} row {row} of {shards.num_rows}"
         yield RowView(title, views, len(cells["seq_lengths"]), len(cells["input_ids"]), shards.max_len)
-
-
-def _manifest_template(manifest: dict) -> Any:
-    """The Template named in the manifest when it is a built-in one (else None: markers from specials only)."""
-    from prep.render import BUILTIN_TEMPLATES
-
-    name = (manifest.get("template") or {}).get("name")
-    return BUILTIN_TEMPLATES.get(name)
 
 
 def inspect_record(
@@ -359,6 +365,7 @@ def render_row(view: RowView, ids: bool = False) -> Any:
     parts: list[Any] = [Text(f"{view.title} · {view.num_examples} example(s) · {size}", style="bold"), legend()]
     for ex in view.examples:
         name = f" · {ex.example_id}" if ex.example_id else ""
+        name += f" · template {ex.template}" if ex.template else ""
         n = len(ex.input_ids)
         head = f"example {ex.index} · tokens {ex.start}..{ex.start + n - 1} · {ex.trained_tokens}/{n} trained{name}"
         parts += [Rule(Text(head), align="left", style="cyan"), example_text(ex)]

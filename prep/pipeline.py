@@ -31,7 +31,7 @@ from prep.pack import padded_lengths, plan_bfd, plan_unpacked, shuffle_rows, wit
 from prep.read import expand_inputs
 from prep.remote import is_url, join
 from prep.recipe import copies, load_recipe, repeat, validation_hashes, with_system
-from prep.render import Template, load_template, template_sha256
+from prep.render import Template, load_template, template_sha256, template_to_dict
 from prep.report import Counts, Report
 from prep.spill import ExampleStore
 from prep.tokenizer import (
@@ -41,6 +41,7 @@ from prep.tokenizer import (
     check_markers,
     load_tokenizer,
     register_markers,
+    save_tokenizer,
     tokenizer_fingerprint,
 )
 from prep.write import check_output, sha256_file, staging_dir, write_json, write_shards
@@ -71,6 +72,7 @@ class PackReport:
     rejected: Counter[str] = field(default_factory=Counter)
     markers: list[MarkerCheck] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
+    template_markers: dict[str, list[MarkerCheck]] = field(default_factory=dict)  # every template, when several
     sources: list[dict[str, Any]] = field(default_factory=list)
     split_counts: dict[str, Counter[str]] = field(default_factory=lambda: {s: Counter() for s in SPLITS})
     split_rejected: dict[str, Counter[str]] = field(default_factory=lambda: {s: Counter() for s in SPLITS})
@@ -94,6 +96,15 @@ class _Run:
     def template(self) -> Template:
         """The run's template (a source may override it)."""
         return self.templates[self.config.template]
+
+    def template_of(self, source: Source) -> str:
+        """The template (as given: a name or a file) that renders a source's examples."""
+        return source.template or self.config.template
+
+    @property
+    def several_templates(self) -> bool:
+        """Sources use more than one template: the shards say which example used which."""
+        return len(self.templates) > 1
 
 
 def pack_shards(config: PackConfig, progress: bool = False) -> PackReport:
@@ -127,6 +138,9 @@ def pack_shards(config: PackConfig, progress: bool = False) -> PackReport:
         return PackReport(config.output, True, Report("prep pack"), existing, notices=["shards are up to date"])
     check_output(config.output, config.overwrite)
     report = PackReport(config.output, False, Report("prep pack"), {}, markers=check_markers(run.template, run.tokenizer))
+    if run.several_templates:
+        report.template_markers = {spec: report.markers if spec == config.template else check_markers(t, run.tokenizer)
+                                   for spec, t in run.templates.items()}
     if config.tokenizer is None:
         report.notices.append(DEFAULT_TOKENIZER_NOTICE)
     parent = _spill_parent(config.output)
@@ -225,11 +239,13 @@ def _encode_sources(run: _Run, report: PackReport, stores: dict[str, ExampleStor
     earlier: set[str] | None = set() if len(run.sources) > 1 else None
     with open(rejects_path, "wb") as rejects, _progress(progress) as bar, _Encoders(run, _workers(run)) as encoders:
         for source in run.sources:
-            tally = _SourceTally(source, *_split_of(source, config), earlier)
+            template = run.template_of(source)
+            group = list(run.templates).index(template)
+            tally = _SourceTally(source, *_split_of(source, config), earlier, template)
             batches = tally.batches(config, report.inputs)
-            for split, convert_rejects, result in encoders.encode(source.template or config.template, batches):
+            for split, convert_rejects, result in encoders.encode(template, batches):
                 _write_rejects(rejects, convert_rejects)
-                stores[split].append(result.table)
+                stores[split].append(result.table, group=group)
                 _write_rejects(rejects, result.rejects)
                 for counts, rejected in ((report.counts, report.rejected),
                                          (report.split_counts[split], report.split_rejected[split])):
@@ -243,14 +259,37 @@ def _encode_sources(run: _Run, report: PackReport, stores: dict[str, ExampleStor
 
 # Inputs smaller than this are encoded in-process: starting workers (each imports transformers) costs seconds.
 _PARALLEL_MIN_BYTES = 64 * 2**20
+# One main process reads, converts, pickles and spills for all workers, so it can keep only so many busy:
+# benchmarks/workers.py measured 3.6 (GPT-2, markers) and 5.0 (Qwen2.5, its chat template) on the dev box. 8 leaves
+# room for slower encodes; more auto workers would add memory (about 100-120 MiB each) and no speed.
+MAX_AUTO_WORKERS = 8
 
 
 def _workers(run: _Run) -> int:
-    """Encoding processes: `--workers`, or with 0 (auto) one per CPU for inputs of 64 MiB and more, else 1."""
-    if run.config.workers:
-        return run.config.workers
-    size = sum(i["bytes"] for i in run.inputs)
-    return min(os.cpu_count() or 1, 8) if size >= _PARALLEL_MIN_BYTES else 1
+    """Encoding processes: `--workers`, or with 0 (auto) `auto_workers` of the input size."""
+    return run.config.workers or auto_workers(sum(i["bytes"] for i in run.inputs))
+
+
+def auto_workers(input_bytes: int) -> int:
+    """`--workers 0`: one encoding process per usable CPU, at most MAX_AUTO_WORKERS, for inputs of 64 MiB and more;
+    in-process (1) below that.
+
+    >>> auto_workers(1000)
+    1
+    """
+    return min(usable_cpus(), MAX_AUTO_WORKERS) if input_bytes >= _PARALLEL_MIN_BYTES else 1
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or `taskset`'s CPU set), not all the machine has.
+
+    >>> usable_cpus() >= 1
+    True
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 class _Encoders:
@@ -330,8 +369,9 @@ class _SourceTally:
     """One source of a mixture: its batches by split, and its counts before and after each step."""
 
     def __init__(self, source: Source, val_fraction: float | None, val_size: int | None,
-                 earlier: set[str] | None):
+                 earlier: set[str] | None, template: str):
         self.source, self.val_fraction, self.val_size, self.earlier = source, val_fraction, val_size, earlier
+        self.template = template
         self.hashes: set[str] = set()
         self.counts: Counter[str] = Counter()
         self.inputs = Counts()
@@ -425,7 +465,7 @@ class _SourceTally:
         """The source and its counts, for the manifest."""
         s, c = self.source, self.counts
         return {
-            "name": s.label, "paths": s.paths, "format": s.format, "weight": s.weight, "template": s.template,
+            "name": s.label, "paths": s.paths, "format": s.format, "weight": s.weight, "template": self.template,
             "system": s.system, "val_fraction": self.val_fraction, "val_size": self.val_size,
             "counts": {"read": self.inputs.read, "rejected": self.inputs.rejected_total,
                        "deduplicated": self.inputs.deduplicated, "accepted": self.inputs.accepted,
@@ -443,12 +483,13 @@ def _write_single(run: _Run, report: PackReport, store: ExampleStore, rejects_pa
         extra["mixture"] = {"sources": report.sources}
 
     def before_commit(tmp: Path) -> None:
-        run.tokenizer.save_pretrained(tmp / "tokenizer")
+        _save_tokenizer(run, tmp)
         shutil.move(str(rejects_path), tmp / REJECTS_FILE)
 
     report.manifest = write_shards(store, _plan(store, config, _pad_id(run)), config.output, max_len=config.max_len,
                                    seed=config.seed, shard_size=config.shard_size, manifest_extra=extra,
-                                   overwrite=config.overwrite, before_commit=before_commit)
+                                   overwrite=config.overwrite, before_commit=before_commit,
+                                   example_templates=run.several_templates)
     report.split_manifests["train"] = report.manifest
 
 
@@ -461,11 +502,21 @@ def _write_splits(run: _Run, report: PackReport, stores: dict[str, ExampleStore]
             report.split_manifests[split] = write_shards(
                 store, _plan(store, config, _pad_id(run)), tmp / split, max_len=config.max_len, seed=config.seed,
                 shard_size=config.shard_size, manifest_extra=_manifest_extra(run, report, split, fingerprint),
-                before_commit=lambda t: run.tokenizer.save_pretrained(t / "tokenizer"))
+                before_commit=lambda t: _save_tokenizer(run, t, tmp / SPLITS[0] / "tokenizer"),
+                example_templates=run.several_templates)
         shutil.move(str(rejects_path), tmp / REJECTS_FILE)
         write_json(tmp / "dataset_dict.json", {"splits": list(SPLITS)})
         report.manifest = _split_manifest(run, report)
         write_json(tmp / "manifest.json", report.manifest)  # last: its presence marks a complete output
+
+
+def _save_tokenizer(run: _Run, folder: Path, saved: Path | None = None) -> None:
+    """The tokenizer used, saved into folder/tokenizer so that it reloads as the same tokenizer (checked);
+    a copy of `saved` when an earlier split already saved (and checked) it."""
+    if saved is not None and saved.is_dir():
+        shutil.copytree(saved, folder / "tokenizer")
+        return
+    save_tokenizer(run.tokenizer, folder / "tokenizer", trust_remote_code=run.config.trust_remote_code)
 
 
 def _split_manifest(run: _Run, report: PackReport) -> dict[str, Any]:
@@ -549,13 +600,13 @@ def render_pack_report(report: PackReport) -> Any:
         lines = [_split_line(split, report.split_manifests[split], report.output) for split in SPLITS]
         return Group(*notices, render_report(report.inputs), _sources_table(report.sources),
                      _examples_table(report.split_counts["train"], report.split_rejected["train"]),
-                     _marker_table(report.markers), *lines, *_left_out(report.split_counts["train"]),
+                     *_marker_tables(report), *lines, *_left_out(report.split_counts["train"]),
                      *_not_written(report))
     lines = [_split_line(None, m, report.output)]
     if len(report.sources) > 1 or "mixture" in m:
         lines.insert(0, _sources_table(report.sources))
     return Group(*notices, render_report(report.inputs), _examples_table(report.counts, report.rejected),
-                 _marker_table(report.markers), *lines, *_left_out(report.counts), *_not_written(report))
+                 *_marker_tables(report), *lines, *_left_out(report.counts), *_not_written(report))
 
 
 def _left_out(c: Counter[str]) -> list[Any]:
@@ -620,12 +671,20 @@ def _not_written(report: PackReport) -> list[Any]:
                  f" (see {join(report.output, REJECTS_FILE)})", style="yellow")]
 
 
-def _marker_table(markers: list[MarkerCheck]) -> Any:
+def _marker_tables(report: PackReport) -> list[Any]:
+    """One marker table for the run's template, or one per template when sources use several."""
+    if not report.template_markers:
+        return [_marker_table(report.markers)]
+    return [_marker_table(checks, spec) for spec, checks in report.template_markers.items()]
+
+
+def _marker_table(markers: list[MarkerCheck], template: str | None = None) -> Any:
     """How each template marker tokenizes with this tokenizer."""
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="template markers", title_justify="left")
+    title = "template markers" + (f": {template}" if template else "")
+    table = Table(title=Text(title), title_justify="left")
     for name in ("marker", "tokens", "special", "changes when text touches it"):
         table.add_column(name)
     for m in markers:
@@ -806,7 +865,7 @@ def _manifest_extra(run: _Run, report: PackReport, split: str, fingerprint: str)
         "fingerprint": fingerprint,
         "train_on": config.train_on,
         "overflow": config.overflow,
-        "template": {"name": template.name, "sha256": template_sha256(template)},
+        "template": _template_dict(template),
         "tokenizer": {
             "name": name,
             "fingerprint": tokenizer_fingerprint(tokenizer),
@@ -819,6 +878,8 @@ def _manifest_extra(run: _Run, report: PackReport, split: str, fingerprint: str)
             "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         },
         "markers": [_marker_dict(m) for m in report.markers],
+        **({"templates": [_template_dict(run.templates[spec], spec, checks)
+                          for spec, checks in report.template_markers.items()]} if run.several_templates else {}),
         "inputs": run.inputs,
         "counts": {
             "records_read": inputs.read,
@@ -834,6 +895,15 @@ def _manifest_extra(run: _Run, report: PackReport, split: str, fingerprint: str)
             "rejected": dict(sorted((inputs.rejected + rejected).items())),
         },
     }
+
+
+def _template_dict(template: Template, spec: str | None = None, checks: list[MarkerCheck] | None = None
+                   ) -> dict[str, Any]:
+    """A template for the manifest: name, sha256 and definition (+ the value given and its markers, in `templates`)."""
+    entry = {"name": template.name, "sha256": template_sha256(template), "definition": template_to_dict(template)}
+    if spec is not None:
+        entry |= {"template": spec, "markers": [_marker_dict(m) for m in checks or []]}
+    return entry
 
 
 def _marker_dict(check: MarkerCheck) -> dict[str, Any]:

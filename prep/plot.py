@@ -1,206 +1,208 @@
-"""Histogram plots without matplotlib: a PNG drawn with numpy and written with zlib + struct, or an HTML page
-with an inline SVG (self-contained: no scripts, no external files).
+"""`prep stats --plot`: the statistics drawn with matplotlib (the optional extra `prep-sft[plot]`).
 
->>> import tempfile, os; out = os.path.join(tempfile.mkdtemp(), "lengths.png")
->>> write_histogram(out, np.array([0, 128, 256]), np.array([5, 2])).read_bytes()[:8]
-b'\\x89PNG\\r\\n\\x1a\\n'
+Three labelled panels: examples per length bin (with max_len marked), trained and masked tokens per length
+bin (stacked: where the loss is, by example length), and the fill of the rows (how full packing makes
+them). `stats_figure` returns the matplotlib `Figure`; `write_plot` saves it as PNG, SVG or PDF, or as a
+self-contained HTML page (the SVG inline plus the numbers as tables; no scripts, no external files).
+matplotlib is imported only here, through its object API (no pyplot, no global backend switch), and
+only when a plot is asked for; the same stats give byte-identical files.
+
+>>> from prep.stats import shard_stats                              # doctest: +SKIP
+>>> fig = stats_figure(shard_stats("shards/"))                      # doctest: +SKIP
+>>> [ax.get_title() for ax in fig.axes]                             # doctest: +SKIP
+['Examples by length', 'Trained and masked tokens by example length', 'Fill of packed rows']
 """
 
 from __future__ import annotations
 
 import html
-import struct
-import zlib
+import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from prep.errors import ConfigError
+from prep.stats import HIST_BINS, Stats
 
-PLOT_SUFFIXES = (".png", ".html", ".htm", ".svg")
-_BAR = (46, 139, 87)
-_AXIS = (60, 60, 60)
-# 3x5 bitmap glyphs (rows top to bottom, 3 bits each) for axis numbers.
-_GLYPHS = {
-    "0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7), "4": (5, 5, 7, 1, 1),
-    "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 1, 1), "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7),
-    "k": (4, 5, 6, 5, 5), "M": (5, 7, 7, 5, 5), ".": (0, 0, 0, 0, 2), "-": (0, 0, 7, 0, 0), " ": (0, 0, 0, 0, 0),
-}  # fmt: skip
+PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".html", ".htm")
+PLOT_EXTRA = "pip install 'prep-sft[plot]'"
+FILL_BINS = 20  # 5 % of max_len each
+_TRAINED, _MASKED, _BARS, _MARK = "#2e8b57", "#a9a9a9", "#4682b4", "#c0392b"
+# Fixed ids and no dates in the files: the same stats give the same bytes.
+_RC = {"svg.hashsalt": "prep", "svg.fonttype": "none", "font.size": 9}  # "none": text stays text
+_METADATA = {".png": {"Software": None}, ".svg": {"Date": None}, ".pdf": {"CreationDate": None}}
 
 
-def write_histogram(
-    path: str | Path,
-    edges: np.ndarray,
-    counts: np.ndarray,
-    *,
-    title: str = "",
-    xlabel: str = "tokens per example",
-    ylabel: str = "examples",
-) -> Path:
-    """Write a bar chart of a histogram; the suffix picks the format: .png, .html/.htm (SVG inside) or .svg.
+def check_plot_path(path: str | Path) -> Path:
+    """The `--plot` path, after checking its suffix and that matplotlib is installed (before any work).
 
-    Args:
-        path: output file.
-        edges: bin edges (len(counts) + 1), ascending.
-        counts: examples per bin.
-        title, xlabel, ylabel: labels (HTML/SVG only; the PNG shows numbers on its axes).
+    Raises:
+        ConfigError: an unknown suffix, or matplotlib missing (the message names the extra to install).
+
+    >>> check_plot_path("lengths.jpg")
+    Traceback (most recent call last):
+    prep.errors.ConfigError: --plot lengths.jpg: expected a file ending in .png, .svg, .pdf, .html, .htm
+    """
+    path = Path(path)
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise ConfigError(f"--plot {path}: expected a file ending in {', '.join(PLOT_SUFFIXES)}")
+    _matplotlib()
+    return path
+
+
+def write_plot(path: str | Path, stats: Stats, bins: int = HIST_BINS) -> Path:
+    """Draw `stats` (see `stats_figure`) into `path`; the suffix picks PNG, SVG, PDF or HTML. Atomic.
 
     Returns:
         The path written.
 
     Raises:
-        ConfigError: an unknown suffix.
+        ConfigError: see `check_plot_path`.
     """
-    path = Path(path)
+    from prep.sink import atomic_path
+
+    path = check_plot_path(path)
     suffix = path.suffix.lower()
-    if suffix not in PLOT_SUFFIXES:
-        raise ConfigError(f"--plot {path}: expected a file ending in {', '.join(PLOT_SUFFIXES)}")
-    if suffix == ".png":
-        path.write_bytes(histogram_png(edges, counts))
-    elif suffix == ".svg":
-        path.write_text(histogram_svg(edges, counts, title, xlabel, ylabel), encoding="utf-8")
-    else:
-        path.write_text(histogram_html(edges, counts, title, xlabel, ylabel), encoding="utf-8")
+    figure = stats_figure(stats, bins)
+    with atomic_path(path) as tmp:
+        if suffix in (".html", ".htm"):
+            tmp.write_text(stats_html(stats, figure, bins), encoding="utf-8")
+        else:
+            tmp.write_bytes(figure_bytes(figure, suffix.lstrip(".")))
     return path
 
 
-# --------------------------------------------------------------------------------------------------
-# PNG
+def stats_figure(stats: Stats, bins: int = HIST_BINS) -> Any:
+    """A matplotlib Figure of `stats`: examples by length, trained/masked tokens by length, row fill.
 
+    Args:
+        stats: from `shard_stats` or `input_stats`.
+        bins: length bins (as the terminal histogram).
 
-def histogram_png(edges: np.ndarray, counts: np.ndarray, width: int = 640, height: int = 360) -> bytes:
-    """A PNG (RGB, 8-bit) of the histogram: green bars, axes, the x range and the largest count as numbers.
+    Returns:
+        A `matplotlib.figure.Figure` with three Axes, titled and labelled with units.
 
-    >>> histogram_png(np.array([0, 1, 2]), np.array([1, 3]))[12:16]
-    b'IHDR'
+    Raises:
+        ConfigError: matplotlib is not installed.
     """
-    img = np.full((height, width, 3), 255, dtype=np.uint8)
-    left, right, top, bottom = 56, 16, 16, 40
-    plot_w, plot_h = width - left - right, height - top - bottom
-    counts = np.asarray(counts, dtype=np.int64)
-    peak = max(int(counts.max()) if len(counts) else 0, 1)
-    xs = left + (np.arange(len(counts) + 1) * plot_w) // max(len(counts), 1)
-    for k, count in enumerate(counts.tolist()):
-        bar_h = (count * plot_h) // peak
-        img[top + plot_h - bar_h : top + plot_h, xs[k] + 1 : max(xs[k] + 2, xs[k + 1] - 1)] = _BAR
-    img[top : top + plot_h + 1, left - 1] = _AXIS
-    img[top + plot_h, left - 1 : left + plot_w] = _AXIS
-    _draw_text(img, _short(edges[0]), left, top + plot_h + 8)
-    last = _short(edges[-1])
-    _draw_text(img, last, left + plot_w - 8 * len(last), top + plot_h + 8)
-    middle = _short(edges[len(counts) // 2])
-    _draw_text(img, middle, xs[len(counts) // 2] - 4 * len(middle), top + plot_h + 8)
-    _draw_text(img, _short(peak), 4, top)
-    _draw_text(img, "0", left - 12, top + plot_h - 10)
-    return encode_png(img)
+    _matplotlib()
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8.0, 9.0), dpi=100, layout="constrained")
+    lengths_ax, tokens_ax, fill_ax = figure.subplots(3, 1)
+    c, p = stats.counts, stats.packing
+    figure.suptitle(f"prep stats · {stats.kind} · {_short(str(stats.source))}\n{c['examples']:,} examples · "
+                    f"{c['tokens']:,} tokens · {stats.trained_fraction:.1%} trained · "
+                    f"packing efficiency {p['efficiency']:.2%}", fontsize=10)
+    _lengths_panel(lengths_ax, stats, bins)
+    _tokens_panel(tokens_ax, stats, bins)
+    _fill_panel(fill_ax, stats)
+    from matplotlib.ticker import StrMethodFormatter
+
+    for ax in figure.axes:
+        ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+    return figure
 
 
-def encode_png(img: np.ndarray) -> bytes:
-    """PNG bytes of an (height, width, 3) uint8 image: signature, IHDR, one zlib IDAT, IEND.
+def _short(text: str, width: int = 60) -> str:
+    """`text`, or its last `width` - 1 characters after an ellipsis (paths keep their informative end)."""
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
 
-    >>> encode_png(np.zeros((1, 1, 3), np.uint8))[:8]
-    b'\\x89PNG\\r\\n\\x1a\\n'
+
+def _lengths_panel(ax: Any, stats: Stats, bins: int) -> None:
+    """Examples per length bin, max_len as a dashed line."""
+    edges, counts = stats.histogram(bins)
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=_BARS, edgecolor="white", label="examples")
+    ax.axvline(stats.max_len, color=_MARK, linestyle="--", label=f"max_len = {stats.max_len:,} tokens")
+    ax.set(title="Examples by length", xlabel="example length (tokens)", ylabel="examples (count)")
+    ax.legend(loc="best")
+
+
+def _tokens_panel(ax: Any, stats: Stats, bins: int) -> None:
+    """Trained and masked tokens per length bin, stacked."""
+    edges, trained, masked = stats.tokens_by_length(bins)
+    width = np.diff(edges)
+    ax.bar(edges[:-1], trained, width=width, align="edge", color=_TRAINED, edgecolor="white", label="trained tokens")
+    ax.bar(edges[:-1], masked, width=width, bottom=trained, align="edge", color=_MASKED, edgecolor="white",
+           label="masked tokens (label -100)")
+    ax.axvline(stats.max_len, color=_MARK, linestyle="--")
+    ax.set(title="Trained and masked tokens by example length", xlabel="example length (tokens)",
+           ylabel="tokens (count)")
+    ax.legend(loc="best")
+
+
+def _fill_panel(ax: Any, stats: Stats) -> None:
+    """Rows by fill (tokens / max_len), with the mean (the packing efficiency)."""
+    edges, counts = fill_histogram(stats)
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=_BARS, edgecolor="white", label="rows")
+    ax.axvline(100 * stats.packing["efficiency"], color=_MARK, linestyle="--",
+               label=f"mean fill = packing efficiency {stats.packing['efficiency']:.2%}")
+    what = "packed rows" if stats.packed else "rows (one example per row)"
+    title = f"Fill of {what}" + (" (as BFD packing would make them)" if stats.kind == "inputs" and stats.packed else "")
+    ax.set(title=title, xlabel=f"row fill (% of max_len = {stats.max_len:,} tokens)", ylabel="rows (count)",
+           xlim=(0, 100))
+    ax.legend(loc="best")
+
+
+def fill_histogram(stats: Stats, bins: int = FILL_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """Rows per fill bin: edges in percent of max_len (0..100), bin k holds edges[k] < fill <= edges[k+1].
+
+    >>> from prep.stats import Stats
+    >>> s = Stats("x", "shards", 10, np.array([]), np.array([]), {}, {}, {}, (), row_tokens=np.array([10, 5, 1]))
+    >>> [a.tolist() for a in fill_histogram(s, bins=4)]
+    [[0.0, 25.0, 50.0, 75.0, 100.0], [1, 1, 0, 1]]
     """
-    height, width, _ = img.shape
-    raw = np.concatenate([np.zeros((height, 1), np.uint8), img.reshape(height, width * 3)], axis=1)  # filter 0
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    fill = np.asarray(stats.row_tokens, dtype=np.int64)
+    index = np.clip((fill * bins - 1) // max(stats.max_len, 1), 0, bins - 1)
+    return np.linspace(0.0, 100.0, bins + 1), np.bincount(index, minlength=bins).astype(np.int64)
+
+
+def figure_bytes(figure: Any, fmt: str) -> bytes:
+    """The figure saved as `fmt` (png, svg, pdf), without dates or random ids.
+
+    >>> figure_bytes(stats_figure(stats), "svg")[:5]                  # doctest: +SKIP
+    b'<?xml'
+    """
+    import matplotlib
+
+    buffer = io.BytesIO()
+    with matplotlib.rc_context(_RC):
+        figure.savefig(buffer, format=fmt, metadata=_METADATA.get(f".{fmt}"))
+    return buffer.getvalue()
+
+
+def stats_html(stats: Stats, figure: Any, bins: int = HIST_BINS) -> str:
+    """A self-contained HTML page: the figure as inline SVG, then the numbers behind it as tables."""
+    svg = figure_bytes(figure, "svg").decode("utf-8")
+    svg = svg[svg.index("<svg") :]  # drop the XML declaration and DOCTYPE: not allowed inside HTML
+    edges, counts = stats.histogram(bins)
+    _, trained, masked = stats.tokens_by_length(bins)
+    fill_edges, fill_counts = fill_histogram(stats)
+    title = html.escape(f"prep stats · {stats.kind} · {stats.source}")
+    lengths = _table(("from (tokens, exclusive)", "to (tokens)", "examples", "trained tokens", "masked tokens"),
+                     zip(edges[:-1].tolist(), edges[1:].tolist(), counts.tolist(), trained.tolist(), masked.tolist()))
+    fill = _table(("fill from (%)", "to (%)", "rows"),
+                  zip(fill_edges[:-1].tolist(), fill_edges[1:].tolist(), fill_counts.tolist()))
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", zlib.compress(raw.tobytes(), 9))
-        + _chunk(b"IEND", b"")
+        f'<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8"><title>{title}</title></head>\n<body>\n'
+        f"<h1>{title}</h1>\n{svg}\n<h2>Examples and tokens by example length</h2>\n{lengths}\n"
+        f"<h2>Fill of rows (max_len = {stats.max_len:,} tokens)</h2>\n{fill}\n</body>\n</html>\n"
     )
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    """One PNG chunk: length, type, data, CRC of type + data."""
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+def _table(header: tuple[str, ...], rows: Any) -> str:
+    """An HTML table of numbers."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "\n".join("<tr>" + "".join(f"<td>{v:g}</td>" if isinstance(v, float) else f"<td>{v}</td>" for v in row)
+                     + "</tr>" for row in rows)
+    return f"<table>\n<tr>{head}</tr>\n{body}\n</table>"
 
 
-def _draw_text(img: np.ndarray, text: str, x: int, y: int, scale: int = 2) -> None:
-    """Draw `text` with the 3x5 glyphs at (x, y), each glyph pixel `scale` pixels wide."""
-    for char in text:
-        for row, bits in enumerate(_GLYPHS.get(char, _GLYPHS[" "])):
-            for col in range(3):
-                if bits >> (2 - col) & 1:
-                    y0, x0 = y + row * scale, x + col * scale
-                    img[y0 : y0 + scale, x0 : x0 + scale] = _AXIS
-        x += 4 * scale
-
-
-def _short(value: float) -> str:
-    """A number in at most a few glyphs: 950, 12k, 3.4M."""
-    value = float(value)
-    if abs(value) >= 1e6:
-        return f"{value / 1e6:.1f}M"
-    if abs(value) >= 1e4:
-        return f"{value / 1e3:.0f}k"
-    return f"{value:.0f}"
-
-
-# --------------------------------------------------------------------------------------------------
-# SVG / HTML
-
-
-def histogram_svg(
-    edges: np.ndarray,
-    counts: np.ndarray,
-    title: str = "",
-    xlabel: str = "",
-    ylabel: str = "",
-    width: int = 720,
-    height: int = 400,
-) -> str:
-    """A standalone SVG document of the histogram, with a tooltip (`<title>`) on every bar.
-
-    >>> histogram_svg(np.array([0, 1]), np.array([2])).startswith("<svg")
-    True
-    """
-    left, right, top, bottom = 64, 16, 32, 48
-    plot_w, plot_h = width - left - right, height - top - bottom
-    counts = np.asarray(counts, dtype=np.int64)
-    peak = max(int(counts.max()) if len(counts) else 0, 1)
-    step = plot_w / max(len(counts), 1)
-    esc = html.escape
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-        f'<text x="{width / 2:.0f}" y="20" text-anchor="middle" font-size="14">{esc(title)}</text>',
-    ]
-    for k, count in enumerate(counts.tolist()):
-        h = count * plot_h / peak
-        tip = f"{_short(edges[k])}–{_short(edges[k + 1])}: {count}"
-        parts.append(
-            f'<rect x="{left + k * step + 1:.1f}" y="{top + plot_h - h:.1f}" width="{max(step - 2, 1):.1f}" '
-            f'height="{h:.1f}" fill="rgb{_BAR}"><title>{esc(tip)}</title></rect>'
-        )
-    parts += [
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="black"/>',
-        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="black"/>',
-        f'<text x="{left}" y="{top + plot_h + 16}" text-anchor="middle">{_short(edges[0])}</text>',
-        f'<text x="{left + plot_w}" y="{top + plot_h + 16}" text-anchor="middle">{_short(edges[-1])}</text>',
-        f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{peak}</text>',
-        f'<text x="{left + plot_w / 2:.0f}" y="{height - 10}" text-anchor="middle">{esc(xlabel)}</text>',
-        f'<text x="14" y="{top + plot_h / 2:.0f}" text-anchor="middle" '
-        f'transform="rotate(-90 14 {top + plot_h / 2:.0f})">{esc(ylabel)}</text>',
-        "</svg>",
-    ]
-    return "\n".join(parts) + "\n"
-
-
-def histogram_html(edges: np.ndarray, counts: np.ndarray, title: str = "", xlabel: str = "", ylabel: str = "") -> str:
-    """A self-contained HTML page: the SVG histogram and a table of the bins.
-
-    >>> "<svg" in histogram_html(np.array([0, 1]), np.array([2]), "lengths")
-    True
-    """
-    rows = "\n".join(
-        f"<tr><td>{int(a)}</td><td>{int(b)}</td><td>{int(c)}</td></tr>"
-        for a, b, c in zip(edges[:-1], edges[1:], counts)
-    )
-    return (
-        f'<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8"><title>{html.escape(title)}</title></head>\n'
-        f"<body>\n{histogram_svg(edges, counts, title, xlabel, ylabel)}"
-        f"<table>\n<tr><th>from</th><th>to</th><th>{html.escape(ylabel)}</th></tr>\n{rows}\n</table>\n"
-        "</body>\n</html>\n"
-    )
+def _matplotlib() -> Any:
+    """The matplotlib module, or a ConfigError naming the extra that installs it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError(f"--plot needs matplotlib, which is not installed: {PLOT_EXTRA}") from None
+    return matplotlib

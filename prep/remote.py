@@ -497,6 +497,12 @@ def _fetch_folder(url: str, folder: Path, manifest_bytes: bytes) -> None:
         if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
             raise ShardError(f"{display(join(url, MANIFEST))}: {name!r} is not a plain file name; refusing it")
         _fetch_file(join(url, name), folder / name, entry.get("sha256"))
+    sidecar = manifest.get("example_templates")  # sources with several templates (prep.example_templates)
+    if isinstance(sidecar, dict):
+        name = sidecar.get("file")
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise ShardError(f"{display(join(url, MANIFEST))}: {name!r} is not a plain file name; refusing it")
+        _fetch_file(join(url, name), folder / name, sidecar.get("sha256"))
     for name in ("state.json", "dataset_info.json"):
         _fetch_file(join(url, name), folder / name, None, optional=True)
     tokenizer = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}

@@ -279,6 +279,21 @@ def template_from_dict(data: dict[str, Any], default_name: str = "custom", sourc
     return Template(name=name, roles=roles, single_turn=single, append_eos=append_eos, markers=tuple(markers))
 
 
+def template_to_dict(template: Template) -> dict[str, Any] | None:
+    """The file form of a data template (what `template_from_dict` reads back); None for `tokenizer`.
+
+    >>> template_from_dict(template_to_dict(BUILTIN_TEMPLATES["chatml"])) == BUILTIN_TEMPLATES["chatml"]
+    True
+    """
+    if template.uses_chat_template:
+        return None
+    data: dict[str, Any] = {"name": template.name, "append_eos": template.append_eos, "markers": list(template.markers),
+                            **asdict(template.roles)}
+    if template.single_turn is not None:
+        data["single_turn"] = asdict(template.single_turn)
+    return data
+
+
 def _roles_from_dict(data: dict[str, Any], source: str) -> Roles:
     """Read the system/user/assistant tables of a template dict."""
     turns = {}

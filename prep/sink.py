@@ -10,7 +10,7 @@ object stores publish an object whole, so readers see the old object or the new 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,9 +23,6 @@ from prep.remote import is_url
 from schemas.conversation import Conversation
 
 PARQUET_ROW_GROUP = 65_536
-# mkstemp creates files readable by the owner only; outputs get the usual umask-based mode instead.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @contextmanager
@@ -43,15 +40,28 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         return
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
-    os.chmod(tmp, 0o666 & ~_UMASK)
+    tmp = _create_beside(final)
     try:
         yield tmp
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _create_beside(final: Path) -> Path:
+    """Create a new empty file `.NAME.XXXXXXXX.tmp` beside `final`, mode 0o666 less the process umask.
+
+    Not `tempfile.mkstemp`: it makes owner-only files, and reading the umask to fix that means setting it
+    (`os.umask` has no read-only form), which changes process state. `open(..., O_EXCL, 0o666)` lets the
+    kernel apply the umask in force right now, as for any file a program creates.
+    """
+    while True:
+        tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def check_outputs(outputs: Sequence[str], inputs: Sequence[str], overwrite: bool) -> None:

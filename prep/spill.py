@@ -67,6 +67,7 @@ class ExampleStore:
         self._reader: int | None = None
         self._length_parts: list[np.ndarray] = []
         self._trained_parts: list[np.ndarray] = []
+        self._group_runs: list[tuple[int, int]] = []  # (group, examples) per append: a few bytes per batch
         self._lengths: np.ndarray | None = None
         self._trained: np.ndarray | None = None
         self._byte_offsets: np.ndarray | None = None
@@ -77,8 +78,10 @@ class ExampleStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def append(self, table: pa.Table | pa.RecordBatch) -> None:
+    def append(self, table: pa.Table | pa.RecordBatch, group: int = 0) -> None:
         """Spill one batch of encoded examples (columns `input_ids`, `labels`: list of ints; others ignored).
+
+        `group` tags every example of the batch (e.g. the index of the template that rendered it); see `groups`.
 
         Raises:
             ShardError: the batch breaks the encoded-example contract (nulls, length mismatch, empty
@@ -95,7 +98,14 @@ class ExampleStore:
         self._writer.write(_interleave(ids, labels, id_lengths).tobytes())
         self._length_parts.append(id_lengths)
         self._trained_parts.append(_segment_sums(labels != IGNORE_INDEX, id_lengths))
+        self._group_runs.append((group, len(id_lengths)))
         self._lengths = self._trained = None
+
+    @property
+    def groups(self) -> np.ndarray:
+        """The `group` of every example (int32), in append order."""
+        runs = np.array(self._group_runs, dtype=np.int64).reshape(-1, 2)
+        return np.repeat(runs[:, 0], runs[:, 1]).astype(np.int32)
 
     @property
     def lengths(self) -> np.ndarray:

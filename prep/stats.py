@@ -3,7 +3,7 @@
 `shard_stats` reads a shard folder (numbers computed from the data; truncated/dropped/split/rejected from
 the manifest). `input_stats` renders and encodes inputs exactly as `prep pack` would, without writing
 shards, and also counts the tokens of each role. Both return a `Stats`; `render_stats` draws it with rich
-and `prep.plot.write_histogram` writes the length histogram to a PNG or HTML file.
+and `prep.plot.write_plot` draws it with matplotlib (lengths, trained/masked tokens by length, row fill).
 
 >>> stats = shard_stats("shards/")                                 # doctest: +SKIP
 >>> stats.counts["tokens"] == stats.manifest["counts"]["tokens"]   # doctest: +SKIP
@@ -55,6 +55,10 @@ class Stats:
         packing: efficiency (tokens / (rows * max_len)), lower_bound_rows (ceil(tokens / max_len)), rows.
         longest: the longest examples, longest first.
         manifest: the shard manifest (shards only).
+        row_tokens: tokens per row (int64): the shards' rows, or the rows BFD packing (or --no-pack) would make.
+        by_template: shards whose sources used several templates: {template name: examples, tokens,
+            trained_tokens}; empty otherwise.
+        packed: rows hold several examples (False: --no-pack, one example per row).
     """
 
     source: str
@@ -67,6 +71,9 @@ class Stats:
     packing: dict[str, Any]
     longest: tuple[Longest, ...]
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+    row_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    by_template: dict[str, dict[str, int]] = field(default_factory=dict)
+    packed: bool = True
 
     @property
     def trained_fraction(self) -> float:
@@ -78,6 +85,29 @@ class Stats:
         """`length_histogram` of the example lengths over 0..max_len."""
         return length_histogram(self.lengths, self.max_len, bins)
 
+    def tokens_by_length(self, bins: int = HIST_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(edges, trained tokens, masked tokens) summed over the examples of each length bin (`length_bins`)."""
+        edges, index = length_bins(self.lengths, self.max_len, bins)
+        trained = np.bincount(index, weights=self.trained, minlength=bins).astype(np.int64)
+        tokens = np.bincount(index, weights=self.lengths, minlength=bins).astype(np.int64)
+        return edges, trained, tokens - trained
+
+
+def length_bins(lengths: np.ndarray, max_len: int, bins: int = HIST_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """`bins` equal integer-width bins from 0 up to max(max_len, longest), and the bin of every length.
+
+    Returns:
+        (edges int64 of len bins + 1, bin index int64 per length); bin k holds edges[k] < length <= edges[k+1].
+
+    >>> [a.tolist() for a in length_bins(np.array([1, 4, 4, 8]), max_len=8, bins=4)]
+    [[0, 2, 4, 6, 8], [0, 1, 1, 3]]
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    top = max(int(max_len), int(lengths.max()) if len(lengths) else 0, 1)
+    width = -(-top // bins)
+    edges = np.arange(bins + 1, dtype=np.int64) * width
+    return edges, np.clip((lengths - 1) // width, 0, bins - 1)
+
 
 def length_histogram(lengths: np.ndarray, max_len: int, bins: int = HIST_BINS) -> tuple[np.ndarray, np.ndarray]:
     """Counts of lengths in `bins` equal integer-width bins from 0 up to max(max_len, longest).
@@ -88,11 +118,7 @@ def length_histogram(lengths: np.ndarray, max_len: int, bins: int = HIST_BINS) -
     >>> [a.tolist() for a in length_histogram(np.array([1, 4, 4, 8]), max_len=8, bins=4)]
     [[0, 2, 4, 6, 8], [1, 2, 0, 1]]
     """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    top = max(int(max_len), int(lengths.max()) if len(lengths) else 0, 1)
-    width = -(-top // bins)
-    edges = np.arange(bins + 1, dtype=np.int64) * width
-    index = np.clip((lengths - 1) // width, 0, bins - 1)
+    edges, index = length_bins(lengths, max_len, bins)
     return edges, np.bincount(index, minlength=bins).astype(np.int64)
 
 
@@ -125,6 +151,8 @@ def shard_stats(path: str | Path, top: int = 5) -> Stats:
     """
     from prep.load import load_shards
 
+    from prep.example_templates import read_example_templates
+
     shards = load_shards(path)
     lengths, trained, rows_of, row0 = [], [], [], 0
     for batch in shards.table.to_batches():
@@ -134,6 +162,8 @@ def shard_stats(path: str | Path, top: int = 5) -> Stats:
     lengths, trained, rows_of = (np.concatenate([np.zeros(0, np.int64), *x]) for x in (lengths, trained, rows_of))
     tokens, n_trained = int(lengths.sum()), int(trained.sum())
     manifest = shards.manifest
+    row_tokens = np.bincount(rows_of, weights=lengths, minlength=shards.num_rows).astype(np.int64)
+    of_row = read_example_templates(shards.path, manifest)  # the local copy of a URL
     counts = {"examples": len(lengths), "rows": shards.num_rows, "tokens": tokens, "trained_tokens": n_trained}
     for key in ("conversations", "truncated", "dropped", "split", "rejected"):
         counts[key] = manifest.get("counts", {}).get(key, {} if key == "rejected" else 0)
@@ -148,7 +178,26 @@ def shard_stats(path: str | Path, top: int = 5) -> Stats:
         packing(tokens, shards.num_rows, shards.max_len),
         _longest_in_rows(lengths, trained, rows_of, top),
         manifest,
+        row_tokens,
+        {} if of_row is None else _by_template(manifest, of_row, lengths, trained, path),
+        bool(shards.manifest.get("packed", True)),
     )
+
+
+def _by_template(manifest: dict[str, Any], of_row: pa.ChunkedArray, lengths: np.ndarray, trained: np.ndarray,
+                 path: Any) -> dict[str, dict[str, int]]:
+    """Examples, tokens and trained tokens per template (the template of each example's source)."""
+    from prep.example_templates import template_names
+
+    names = template_names(manifest)
+    index = np.asarray(of_row.combine_chunks().flatten(), dtype=np.int64)
+    if len(index) != len(lengths) or (len(index) and not 0 <= index.min() <= index.max() < len(names)):
+        raise ShardError(f"{path}: example_templates.arrow does not match the shards; run `prep verify {path}`")
+    examples = np.bincount(index, minlength=len(names))
+    tokens = np.bincount(index, weights=lengths, minlength=len(names)).astype(np.int64)
+    learned = np.bincount(index, weights=trained, minlength=len(names)).astype(np.int64)
+    return {name: {"examples": int(examples[k]), "tokens": int(tokens[k]), "trained_tokens": int(learned[k])}
+            for k, name in enumerate(names)}
 
 
 def _batch_examples(batch: pa.RecordBatch, row0: int, path: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -330,7 +379,8 @@ class _InputAccumulator:
         lengths = np.concatenate([np.zeros(0, np.int64), *self.lengths])
         trained = np.concatenate([np.zeros(0, np.int64), *self.trained])
         tokens = int(lengths.sum())
-        rows = plan_bfd(lengths, max_len).num_rows if pack else len(lengths)
+        row_tokens = plan_bfd(lengths, max_len).row_tokens(lengths) if pack else lengths
+        rows = len(row_tokens)
         counts = {
             "records": self.counts["records"],
             "conversations": self.counts["conversations"],
@@ -346,7 +396,8 @@ class _InputAccumulator:
         longest = tuple(Longest(n, t, eid) for n, t, eid in sorted(self.longest, key=lambda x: (-x[0], x[2])))
         roles = dict(zip(ROLES, self.roles.tolist()))
         return Stats(
-            source, "inputs", max_len, lengths, trained, roles, counts, packing(tokens, rows, max_len), longest
+            source, "inputs", max_len, lengths, trained, roles, counts, packing(tokens, rows, max_len), longest,
+            row_tokens=row_tokens, packed=pack,
         )
 
 
@@ -361,6 +412,7 @@ def render_stats(stats: Stats, bins: int = HIST_BINS) -> Any:
 
     edges, counts = stats.histogram(bins)
     roles = "tokens per role (whole conversations, before --overflow)" if stats.kind == "inputs" else "tokens by mask"
+    by_template = [Text("\nby template (of each example's source)", style="bold"), template_table(stats)]
     return Group(
         Text(f"{stats.kind} · {stats.source}", style="bold"),
         summary_table(stats),
@@ -368,6 +420,7 @@ def render_stats(stats: Stats, bins: int = HIST_BINS) -> Any:
         histogram_text(edges, counts),
         Text(roles, style="bold"),
         role_table(stats),
+        *(by_template if stats.by_template else []),
         Text("\nlongest examples", style="bold"),
         longest_table(stats),
     )
@@ -433,6 +486,20 @@ def role_table(stats: Stats) -> Any:
         table.add_column(name, justify="right" if name else "left")
     for role, n in stats.tokens_by_role.items():
         table.add_row(role, f"{n:,}", f"{n / total:.1%}")
+    return table
+
+
+def template_table(stats: Stats) -> Any:
+    """Examples, tokens and trained share per template (shards whose sources used several templates)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, pad_edge=False)
+    for name in ("template", "examples", "tokens", "trained"):
+        table.add_column(name, justify="left" if name == "template" else "right")
+    for name, c in stats.by_template.items():
+        share = c["trained_tokens"] / c["tokens"] if c["tokens"] else 0.0
+        table.add_row(Text(name), f"{c['examples']:,}", f"{c['tokens']:,}", f"{c['trained_tokens']:,} ({share:.1%})")
     return table
 
 

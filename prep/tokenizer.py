@@ -7,13 +7,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from prep.errors import ConfigError
 from prep.render import BUILTIN_TEMPLATES, Template, special_token_strings
+from prep.tokenizer_io import save_tokenizer, tokenizer_fingerprint  # noqa: F401 (re-exported: one definition)
 
 DEFAULT_TOKENIZER_NAME = "prep-default-byte-level"
 DEFAULT_TOKENIZER_NOTICE = (
@@ -123,20 +122,6 @@ def adds_bos(tokenizer: Any) -> bool:
     with_special = tokenizer("a", add_special_tokens=True).input_ids
     without = tokenizer("a", add_special_tokens=False).input_ids
     return len(with_special) > len(without) and with_special[0] == bos
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A stable sha256 of the tokenizer: backend JSON (model, added tokens, pipeline), special tokens, chat template.
-
-    >>> tokenizer_fingerprint(default_tokenizer()) == tokenizer_fingerprint(default_tokenizer())
-    True
-    """
-    h = hashlib.sha256()
-    h.update(tokenizer.backend_tokenizer.to_str().encode())
-    specials = {k: str(v) for k, v in tokenizer.special_tokens_map.items()}
-    h.update(json.dumps(specials, sort_keys=True).encode())
-    h.update(json.dumps(tokenizer.chat_template, sort_keys=True).encode())
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

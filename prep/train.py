@@ -854,12 +854,17 @@ def save_final(out_dir: Path, model, tokenizer, d: Dist) -> None:
         get_model_state_dict,
     )
 
+    from prep.tokenizer_io import save_tokenizer
+
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     for name in tied_duplicates(model):  # gathered separately, tied weights no longer share storage
         state_dict.pop(name, None)
     if d.is_main:
         model.save_pretrained(out_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(out_dir)
+        try:  # not save_pretrained alone: it can drop settings (prep.tokenizer_io)
+            save_tokenizer(tokenizer, out_dir)
+        except PrepError as e:  # the model is saved; the tokenizer files too, but AutoTokenizer reads them otherwise
+            print(f"warning: {e}", file=sys.stderr)
     barrier(d)
 
 

@@ -4,7 +4,8 @@ Checks: every listed shard exists and its sha256 matches; no unlisted shard file
 (names, list<int32>, no nulls); per row, equal lengths of input_ids/labels/position_ids(/attention_mask),
 sum(seq_lengths) == row length <= max_len, position_ids restarting at 0 at every example, every label
 -100 or equal to its token, the first label of every example -100, token ids inside the vocabulary;
-the saved tokenizer's fingerprint and size; rows/tokens/examples/trained tokens against the manifest.
+the saved tokenizer's fingerprint and size; rows/tokens/examples/trained tokens against the manifest; and
+example_templates.arrow when sources used several templates (sha256, one entry per example, known indices).
 
 Each check runs on whole record batches with numpy (flat values + offsets; no per-token Python), and the
 hashes are computed in threads while the main thread checks values, so verifying is bound by disk and
@@ -31,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from prep.errors import PrepError, ShardError
+from prep.example_templates import is_plain_name
 from prep.remote import is_url
 from prep.spill import concat_ranges
 from prep.write import sha256_file
@@ -158,6 +160,7 @@ def verify_shards(path: str | Path, limit: int = 10, threads: int | None = None)
     report.shards, report.rows, report.tokens = len(manifest["shards"]), totals.rows, totals.tokens
     _check_totals(manifest, totals, problems)
     _check_files(path, manifest, problems)
+    _check_example_templates(path, manifest, problems, totals.complete)
     _check_tokenizer(path, manifest, problems)
     report.problems = problems.finish()
     return report
@@ -176,7 +179,7 @@ def _verify_url(url: str, limit: int, threads: int | None) -> VerifyReport:
     report = verify_shards(local, limit=limit, threads=threads)
     report.path = display(url)
     manifest = json.loads((local / MANIFEST).read_text(encoding="utf-8"))
-    for stray in remote_strays(url, [e["file"] for e in manifest.get("shards", [])]) or []:
+    for stray in remote_strays(url, _listed_arrow_files(manifest)) or []:
         report.problems.append(Problem(stray, None, "stray", "an .arrow file at the URL that manifest.json does not "
                                                              "list: the folder mixes two runs"))
     return report
@@ -222,7 +225,7 @@ def _read_manifest(path: Path, problems: _Problems) -> dict[str, Any] | None:
 def _check_files(path: Path, manifest: dict[str, Any], problems: _Problems) -> None:
     """No unlisted shard files, and state.json (read by datasets) lists the same files in the same order."""
     listed = [e["file"] for e in manifest["shards"]]
-    for stray in sorted(set(p.name for p in path.glob("*.arrow")) - set(listed)):
+    for stray in sorted(set(p.name for p in path.glob("*.arrow")) - set(_listed_arrow_files(manifest))):
         problems.add(stray, None, "stray", "an .arrow file that manifest.json does not list: the folder mixes two runs")
     state = path / "state.json"
     if state.is_file():
@@ -233,6 +236,64 @@ def _check_files(path: Path, manifest: dict[str, Any], problems: _Problems) -> N
             return
         if files != listed:
             problems.add("state.json", None, "state", f"lists {files}, manifest.json lists {listed}")
+
+
+def _listed_arrow_files(manifest: dict[str, Any]) -> list[str]:
+    """The .arrow files a manifest names: its shards, and example_templates.arrow when there is one."""
+    sidecar = manifest.get("example_templates")
+    return [e["file"] for e in manifest.get("shards", [])] + ([str(sidecar.get("file"))] if sidecar else [])
+
+
+def _check_example_templates(path: Path, manifest: dict[str, Any], problems: _Problems, complete: bool) -> None:
+    """example_templates.arrow (sources with several templates): its sha256, one entry per example of every row,
+    each naming one of the manifest's `templates`."""
+    entry = manifest.get("example_templates")
+    if not entry:
+        return
+    name = entry.get("file")
+    if not is_plain_name(name):
+        problems.add(MANIFEST, None, "manifest", f"example_templates {name!r} is not a plain file name; not read")
+        return
+    if not (path / name).is_file():
+        problems.add(name, None, "missing", "named in manifest.json (example_templates) but missing")
+        return
+    digest = sha256_file(path / name)
+    if digest != entry.get("sha256"):
+        problems.add(name, None, "sha256", f"sha256 {digest[:16]}… differs from the manifest's "
+                     f"{str(entry.get('sha256'))[:16]}…: the file was changed or damaged after writing")
+    try:
+        with pa.memory_map(str(path / name)) as source:
+            column = pa.ipc.open_stream(source).read_all().column("templates").combine_chunks()
+    except (pa.ArrowException, OSError, KeyError) as e:
+        problems.add(name, None, "unreadable", f"not an Arrow stream with a `templates` column ({e})")
+        return
+    values = np.asarray(column.flatten(), dtype=np.int64)
+    outside = np.flatnonzero((values < 0) | (values >= len(manifest.get("templates") or [])))
+    if len(outside):
+        problems.add(name, None, "templates", f"{len(outside)} example(s) name a template outside manifest.json's "
+                     f"`templates`, e.g. {int(values[outside[0]])}")
+    if complete:
+        per_row = np.diff(np.asarray(column.offsets, dtype=np.int64))
+        _compare_examples_per_row(path, manifest, name, per_row, problems)
+
+
+def _compare_examples_per_row(path: Path, manifest: dict[str, Any], name: str, per_row: np.ndarray,
+                              problems: _Problems) -> None:
+    """The sidecar's entries per row against the shards' examples per row (len of seq_lengths)."""
+    import pyarrow.compute as pc
+
+    parts = []
+    for entry in manifest["shards"]:
+        with pa.memory_map(str(path / entry["file"])) as source:
+            seq = pa.ipc.open_stream(source).read_all().column("seq_lengths")
+            parts.append(np.asarray(pc.list_value_length(seq), dtype=np.int64))
+    examples = np.concatenate([np.zeros(0, np.int64), *parts])
+    if len(examples) != len(per_row):
+        problems.add(name, None, "rows", f"has {len(per_row)} rows, the shards have {len(examples)}")
+        return
+    bad = np.flatnonzero(examples != per_row)
+    problems.rows(name, "examples", bad, lambda k: (int(bad[k]), f"{per_row[bad[k]]} template entries for "
+                                                    f"{examples[bad[k]]} examples"))
 
 
 def _check_tokenizer(path: Path, manifest: dict[str, Any], problems: _Problems) -> None:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ import pyarrow as pa
 
 from prep import __version__
 from prep.errors import ConfigError, OutputExistsError
+from prep.example_templates import EXAMPLE_TEMPLATES_FILE, write_example_templates
 from prep.remote import is_url
 from prep.pack import PackPlan, build_rows, packing_stats, shard_schema
 from prep.spill import ExampleStore
@@ -146,13 +148,27 @@ def staging_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Pat
     out_dir = Path(out_dir)
     check_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = _make_dir_beside(out_dir)
     try:
         yield tmp
         _commit(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _make_dir_beside(out_dir: Path) -> Path:
+    """Create `.NAME.tmp-XXXXXXXX` beside `out_dir`, mode 0o777 less the process umask.
+
+    Not `tempfile.mkdtemp`: its folders are owner-only (0o700), and this one becomes the output.
+    """
+    while True:
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir(0o777)
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
@@ -184,6 +200,7 @@ def write_shards(
     manifest_extra: dict | None = None,
     overwrite: bool = False,
     before_commit: Callable[[Path], None] | None = None,
+    example_templates: bool = False,
 ) -> dict:
     """Write the planned rows as shards + datasets files + manifest into `out_dir`, atomically.
 
@@ -199,6 +216,8 @@ def write_shards(
         overwrite: replace an existing output (only once the new one is complete).
         before_commit: called with the temporary folder once the shards are written, before the datasets
             files, the manifest and the rename (e.g. `lambda tmp: tok.save_pretrained(tmp / "tokenizer")`).
+        example_templates: also write `example_templates.arrow`, the store's `groups` (template indices) laid
+            out like the rows (see prep.example_templates), and name it in the manifest.
 
     Returns:
         The manifest as written to `manifest.json`.
@@ -225,6 +244,9 @@ def write_shards(
             for name, start, stop in zip(names, bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
         ]
         ours = _our_manifest(store, plan, max_len=max_len, seed=seed, shards=shards)
+        if example_templates:
+            ours["example_templates"] = write_example_templates(
+                tmp / EXAMPLE_TEMPLATES_FILE, store.groups, plan.order, plan.row_offsets)
         manifest = merge_manifest(ours, manifest_extra or {})
         manifest.setdefault("fingerprint", _fallback_fingerprint(manifest))
         if before_commit is not None:

@@ -37,7 +37,7 @@ class PackConfig(BaseModel):
     shard_size: str = Field("256MB", description="target size of each shard file")
     add_special_tokens: bool = Field(False, description="register the template markers as special tokens")
     batch_size: int = Field(2048, ge=1, description="conversations per tokenizer call")
-    workers: int = Field(0, ge=0, description="encoding processes; 0 = one per CPU for large inputs (>= 64 MiB)")
+    workers: int = Field(0, ge=0, description="encoding processes; 0 = one per CPU (at most 8) for inputs >= 64 MiB")
     dedup: bool = Field(False, description="drop exact duplicate conversations before encoding")
     overwrite: bool = Field(False, description="replace an existing output folder")
     strict: bool = Field(False, description="exit non-zero if any record or example was rejected")

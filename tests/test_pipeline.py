@@ -66,3 +66,37 @@ def test_messages_a_chat_template_leaves_out_are_counted_and_shown(shared_data, 
     console = Console(record=True, width=200)
     console.print(render_pack_report(report))
     assert f"left out by the chat template, in examples that were written: {dropped:,} message(s)" in console.export_text()
+
+
+def test_auto_workers_one_per_usable_cpu_at_most_the_cap():
+    import os
+
+    from prep.pipeline import MAX_AUTO_WORKERS, auto_workers, usable_cpus
+
+    assert usable_cpus() == len(os.sched_getaffinity(0))
+    assert auto_workers(64 * 2**20 - 1) == 1  # small inputs stay in-process
+    assert auto_workers(64 * 2**20) == min(usable_cpus(), MAX_AUTO_WORKERS) == auto_workers(2**40)
+
+
+def test_auto_workers_follow_the_cpu_set_not_the_machine():
+    import subprocess
+    import sys
+
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from prep.pipeline import auto_workers, usable_cpus; print(usable_cpus(), auto_workers(2**40))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["1", "1"], done.stderr
+
+
+def test_the_workers_rule_is_stated_as_the_code_applies_it():
+    import re
+    import typing
+
+    from prep import cli
+    from prep.pipeline import MAX_AUTO_WORKERS
+
+    cap = f"at most {MAX_AUTO_WORKERS}"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert re.search(rf"one per usable\s+CPU, {cap}, for inputs of 64 MiB and more", readme)
+    assert cap in typing.get_type_hints(cli.pack, include_extras=True)["workers"].__metadata__[0].help
+    assert cap in PackConfig.model_fields["workers"].description

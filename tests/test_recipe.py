@@ -222,7 +222,8 @@ def test_per_source_template_and_format_override(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "mixed" / "tokenizer")
     texts = example_texts(tmp_path / "mixed", tokenizer)
     assert any("<|im_start|>" in t for t in texts) and any("###instruction###" in t for t in texts)
-    assert [s["template"] for s in report.manifest["mixture"]["sources"]] == [None, "chatml"]
+    # each source's template as used (the run's own for the first), not only the recipe's override
+    assert [s["template"] for s in report.manifest["mixture"]["sources"]] == ["markers", "chatml"]
     forced = pack_shards(build_config(recipe=str(recipe), output=str(tmp_path / "forced"), format="alpaca"))
     assert [row.kind for row in forced.inputs.rows] == ["alpaca", "alpaca"]  # --format wins over every source
 

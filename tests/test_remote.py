@@ -319,6 +319,28 @@ def test_verify_of_a_url_checks_the_copy_and_lists_stray_files_at_the_url(s3, tm
     assert report.path == url
 
 
+def test_example_templates_of_a_mixed_folder_are_fetched_and_not_stray(s3, tmp_path, examples, monkeypatch):
+    """Sources with several templates write example_templates.arrow beside the shards: it goes to the store, comes
+    back into the local copy (sha256 checked), and verify does not call it a stray file."""
+    import yaml
+
+    from prep.example_templates import EXAMPLE_TEMPLATES_FILE
+    from prep.pipeline import build_config, pack_shards
+    from prep.stats import shard_stats
+    from prep.verify import verify_shards
+
+    monkeypatch.setenv("PREP_CACHE", str(tmp_path / "cache"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"max_len": 512, "sources": [
+        {"path": str(examples / "alpaca.json")}, {"path": str(examples / "openai.jsonl"), "template": "chatml"}]}))
+    url = f"s3://{BUCKET}/mixed/shards"
+    pack_shards(build_config(recipe=str(recipe), output=url))
+    assert EXAMPLE_TEMPLATES_FILE in objects_of(s3, "mixed/shards")
+    report = verify_shards(url)
+    assert report.ok, report.problems
+    assert set(shard_stats(url).by_template) == {"markers", "chatml"}
+
+
 class _NoListingHandler(SimpleHTTPRequestHandler):
     """A static web server: files only, no folder listings (as a CDN or a bucket website)."""
 

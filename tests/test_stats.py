@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import struct
-import xml.etree.ElementTree as ET
-import zlib
-from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 from rich.console import Console
 
 from _packed import ALPACA_EN, TOKENIZERS, packed_shards
-from prep.errors import ConfigError
 from prep.load import load_shards
-from prep.plot import write_histogram
 from prep.render import BUILTIN_TEMPLATES
 from prep.stats import ROLES, input_stats, length_histogram, render_stats, role_token_counts, shard_stats
 from prep.tokenizer import default_tokenizer
@@ -121,68 +115,3 @@ def test_render_stats_shows_the_numbers():
     out = console.export_text()
     assert f"{stats.counts['tokens']:,}" in out and "packing efficiency" in out and "█" in out
     assert f"lower bound {stats.packing['lower_bound_rows']}" in out
-
-
-# ---------- plots ----------
-
-
-def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
-    """(type, data) of every chunk, checking each CRC."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    chunks, pos = [], 8
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(kind + body)
-        chunks.append((kind, body))
-        pos += 12 + length
-    return chunks
-
-
-def test_png_plot_is_a_valid_image(tmp_path):
-    edges, counts = shard_stats(packed_shards()).histogram()
-    data = write_histogram(tmp_path / "lengths.png", edges, counts).read_bytes()
-    chunks = _png_chunks(data)
-    assert [k for k, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
-    width, height, depth, colour, *_ = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, colour) == (8, 2)
-    pixels = zlib.decompress(chunks[1][1])
-    assert len(pixels) == height * (1 + 3 * width)
-    image = np.frombuffer(pixels, np.uint8).reshape(height, 1 + 3 * width)[:, 1:].reshape(height, width, 3)
-    assert (image == (46, 139, 87)).all(axis=2).sum() > 1000  # the bars are drawn
-
-
-class _Balanced(HTMLParser):
-    """Records start/end tags and checks that they nest."""
-
-    VOID = {"meta", "br", "img", "rect", "line"}
-
-    def __init__(self):
-        super().__init__()
-        self.stack, self.tags = [], []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append(tag)
-        if tag not in self.VOID:
-            self.stack.append(tag)
-
-    def handle_startendtag(self, tag, attrs):
-        self.tags.append(tag)
-
-    def handle_endtag(self, tag):
-        if tag not in self.VOID:
-            assert self.stack.pop() == tag
-
-
-def test_html_plot_is_a_valid_page(tmp_path):
-    edges, counts = shard_stats(packed_shards()).histogram()
-    text = write_histogram(tmp_path / "lengths.html", edges, counts, title="lengths <&>").read_text(encoding="utf-8")
-    parser = _Balanced()
-    parser.feed(text)
-    assert parser.stack == [] and parser.tags.count("rect") == len(counts) and "script" not in parser.tags
-    svg = ET.fromstring(text[text.index("<svg") : text.index("</svg>") + len("</svg>")])
-    assert svg.tag.endswith("svg") and len(svg.findall("{http://www.w3.org/2000/svg}rect")) == len(counts)
-    ET.fromstring(write_histogram(tmp_path / "lengths.svg", edges, counts).read_text(encoding="utf-8"))
-    with pytest.raises(ConfigError, match="--plot"):
-        write_histogram(tmp_path / "lengths.jpg", edges, counts)

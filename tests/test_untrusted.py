@@ -86,7 +86,8 @@ def test_pack_and_cli_default_to_no_remote_code(monkeypatch, tmp_path: Path):
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"instruction": "Q", "output": "A"}) + "\n")
     pack_shards(PackConfig(inputs=[str(source)], output=str(tmp_path / "s"), tokenizer="some/hub-id", max_len=64))
-    assert [c["trust_remote_code"] for c in calls] == [False]
+    # the tokenizer, then the check that the copy saved with the shards reloads as the same one: neither runs code
+    assert [(c["name"] == "some/hub-id", c["trust_remote_code"]) for c in calls] == [(True, False), (False, False)]
     from typer.testing import CliRunner
 
     from prep.cli import app
@@ -94,7 +95,7 @@ def test_pack_and_cli_default_to_no_remote_code(monkeypatch, tmp_path: Path):
     calls.clear()
     result = CliRunner().invoke(app, ["pack", str(source), "-o", str(tmp_path / "s2"), "--tokenizer", "x/y"])
     assert result.exit_code == 0, result.output
-    assert [c["trust_remote_code"] for c in calls] == [False]
+    assert [c["trust_remote_code"] for c in calls] == [False, False]
 
 
 def _plant_evil_tokenizer(folder: Path, sentinel: Path, keep_class: bool) -> None:
