@@ -42,7 +42,7 @@ from prep.tokenizer import (
     register_markers,
     tokenizer_fingerprint,
 )
-from prep.write import check_output, sha256_file, staging_dir, write_json, write_shards
+from prep.write import check_output, parse_size, sha256_file, staging_dir, write_json, write_shards
 from schemas.conversation import Conversation, content_hash
 from schemas.pack_config import PackConfig
 from schemas.recipe import Source
@@ -50,7 +50,7 @@ from schemas.reject import Reject
 
 REJECTS_FILE = "rejects.jsonl"
 # Options that change the shards' bytes; output/overwrite/strict do not.
-_FINGERPRINT_EXCLUDE = {"inputs", "output", "overwrite", "strict", "batch_size", "workers", "recipe"}
+_FINGERPRINT_EXCLUDE = {"inputs", "output", "overwrite", "strict", "batch_size", "batch_bytes", "workers", "recipe"}
 SPLITS = ("train", "validation")
 SPLITS_FORMAT = "prep-shards-splits"  # the top-level manifest of a folder holding train/ and validation/
 
@@ -145,6 +145,7 @@ def pack_shards(config: PackConfig, progress: bool = False) -> PackReport:
 
 def _prepare(config: PackConfig) -> _Run:
     """Load the sources, tokenizer and templates, describe the inputs and fingerprint the run."""
+    parse_size(config.batch_bytes, "--batch-bytes")  # a bad size fails before anything is read
     sources = mixture_sources(config)
     paths = [p for source in sources for p in expand_inputs(source.paths)]
     tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
@@ -341,7 +342,7 @@ class _SourceTally:
     def _stream(self, config: PackConfig, report: Report) -> Iterator[tuple[list[Conversation], list[Reject]]]:
         """The source's conversations and rejects in batches, counted in `report`."""
         conversations = iter_conversations(self.source.paths, self.source.format, dedup=config.dedup, report=report)
-        return _batched(conversations, config.batch_size)
+        return _batched(conversations, config.batch_size, parse_size(config.batch_bytes, "--batch-bytes"))
 
     def _unseen(self, conversations: list[Conversation], count: bool = True) -> list[Conversation]:
         """Apply the source's system prompt, then drop (and count) contents an earlier source already had."""
@@ -381,22 +382,21 @@ class _SourceTally:
     def _reread(self, split: str, validation_set: set[str], n_copies: list[int],
                 config: PackConfig) -> Iterator[tuple[str, list[Conversation], list[Reject]]]:
         """Read the source again and emit the conversations (and copies) that go to `split`."""
-        pending: list[Conversation] = []
-        position = 0  # among the conversations that stay in train
-        for conversations, _ in self._stream(config, Report("re-read")):  # its counts were taken the first time
-            for c in self._unseen(conversations, count=False):
-                held_out = content_hash(c.messages) in validation_set
-                if held_out and split == "validation":
-                    pending.append(c)
-                elif not held_out:
-                    if split == "train":
-                        pending += repeat(c, n_copies[position])
-                    position += 1
-            while len(pending) >= config.batch_size:
-                yield split, pending[: config.batch_size], []
-                del pending[: config.batch_size]
-        if pending:
-            yield split, pending, []
+
+        def chosen() -> Iterator[Conversation]:
+            position = 0  # among the conversations that stay in train
+            for conversations, _ in self._stream(config, Report("re-read")):  # its counts were taken the first time
+                for c in self._unseen(conversations, count=False):
+                    held_out = content_hash(c.messages) in validation_set
+                    if held_out and split == "validation":
+                        yield c
+                    elif not held_out:
+                        if split == "train":
+                            yield from repeat(c, n_copies[position])
+                        position += 1
+
+        for batch, _ in _batched(chosen(), config.batch_size, parse_size(config.batch_bytes, "--batch-bytes")):
+            yield split, batch, []
 
     def to_dict(self) -> dict[str, Any]:
         """The source and its counts, for the manifest."""
@@ -624,20 +624,40 @@ def check_strict(config: PackConfig, report: PackReport) -> None:
                         f"see {Path(report.output) / REJECTS_FILE}")
 
 
-def _batched(items: Iterable[Conversation | Reject], size: int) -> Iterator[tuple[list[Conversation], list[Reject]]]:
-    """Group a stream into (conversations, rejects) batches of up to `size` conversations."""
+def _batched(items: Iterable[Conversation | Reject], size: int,
+             max_bytes: int) -> Iterator[tuple[list[Conversation], list[Reject]]]:
+    """Group a stream into (conversations, rejects) batches of up to `size` conversations and `max_bytes` of
+    message text (UTF-8); a conversation longer than `max_bytes` is a batch of its own. Encoding memory
+    follows the text of a batch, so this bounds it whatever the conversations' lengths."""
     conversations: list[Conversation] = []
     rejects: list[Reject] = []
+    held = 0
     for item in items:
         if item.__class__ is Reject:
             rejects.append(item)  # type: ignore[arg-type]
             continue
+        nbytes = text_bytes(item)  # type: ignore[arg-type]
+        if conversations and held + nbytes > max_bytes:
+            yield conversations, rejects
+            conversations, rejects, held = [], [], 0
         conversations.append(item)  # type: ignore[arg-type]
+        held += nbytes
         if len(conversations) >= size:
             yield conversations, rejects
-            conversations, rejects = [], []
+            conversations, rejects, held = [], [], 0
     if conversations or rejects:
         yield conversations, rejects
+
+
+def text_bytes(conversation: Conversation) -> int:
+    """UTF-8 bytes of a conversation's message contents (an upper bound on their tokens for byte-level BPE).
+
+    >>> from schemas.conversation import Message
+    >>> text_bytes(Conversation(id="c", messages=[Message(role="user", content="héllo"),
+    ...                                          Message(role="assistant", content="a")]))
+    7
+    """
+    return sum(len(m.content) if m.content.isascii() else len(m.content.encode()) for m in conversation.messages)
 
 
 def _write_rejects(file: Any, rejects: list[Reject]) -> None:
