@@ -33,7 +33,7 @@ import gc
 import itertools
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +121,16 @@ class _Outcome:
     field: str = ""
     message: str = ""
     truncated: bool = False
+
+
+@dataclass
+class _Job:
+    """A batch between rendering and building: its conversations, the rendered items waiting for their
+    encodings, and the outcomes so far (markers found, render failures)."""
+
+    conversations: Sequence[Conversation]
+    items: list[_Item]
+    outcomes: list[_Outcome]
 
 
 @dataclass
@@ -229,22 +239,69 @@ class Encoder:
         """Encode a batch of conversations (deterministic: the same input gives an identical table).
 
         Args:
-            conversations: the batch (about 1k–8k conversations makes good use of the tokenizer).
+            conversations: the batch (`prep pack` sends up to --batch-size conversations and --batch-bytes of text).
 
         Returns:
             EncodeResult(table, counts, rejected, rejects).
         """
         with _gc_paused():
-            return self._encode(conversations)
+            job = self._prepare(conversations)
+            return self._finish(job, self._tokenize(job))
 
-    def _encode(self, conversations: Sequence[Conversation]) -> EncodeResult:
-        """`encode` without the GC pause: check, render + tokenize, build, then handle overflow."""
+    def encode_stream(self, batches: Iterable[Sequence[Conversation]]) -> Iterator[EncodeResult]:
+        """`encode` of every batch, in order, with tokenizing overlapped: each batch is tokenized in a
+        background thread (the tokenizer releases the GIL) while the previous batch is finished (labels,
+        checks, splitting), the caller takes its result, and the next batch is read and rendered. The
+        results are the same as `encode`'s; at most three batches are in memory at once.
+
+        >>> from prep.tokenizer import default_tokenizer
+        >>> from prep.render import BUILTIN_TEMPLATES
+        >>> from schemas import Conversation, Message
+        >>> convs = [Conversation(id=str(i), messages=[Message(role="user", content="Hi"),
+        ...                                            Message(role="assistant", content="Yo" * i)]) for i in (1, 2)]
+        >>> encoder = Encoder(default_tokenizer(), BUILTIN_TEMPLATES["chatml"])
+        >>> [r.counts["tokens"] for r in encoder.encode_stream([convs[:1], convs[1:]])]  # byte-level: 1 token a byte
+        [24, 26]
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="prep-tokenize") as pool:
+            waiting = None
+            for conversations in batches:
+                with _gc_paused():
+                    job = self._prepare(conversations)
+                tokenizing = pool.submit(self._tokenize, job)
+                if waiting is not None:
+                    yield self._finished(*waiting)
+                waiting = (job, tokenizing)
+            if waiting is not None:
+                yield self._finished(*waiting)
+
+    def _finished(self, job: _Job, tokenizing: Any) -> EncodeResult:
+        """The result of a job once its tokenizing (a Future) is done."""
+        encodings = tokenizing.result()
+        with _gc_paused():
+            return self._finish(job, encodings)
+
+    def _prepare(self, conversations: Sequence[Conversation]) -> _Job:
+        """Check for markers and render: a job waiting for its encodings."""
         outcomes: list[_Outcome] = []
-        built = _Built()
+        items = self._render(self._accept_markers(conversations, outcomes), outcomes)
+        return _Job(conversations, items, outcomes)
+
+    def _tokenize(self, job: _Job) -> list[Any]:
+        """The encodings of a job's rendered texts: one batched call of the Rust tokenizer (thread-safe)."""
+        return self._backend.encode_batch([it.rendered.text for it in job.items], add_special_tokens=False)
+
+    def _finish(self, job: _Job, encodings: list[Any]) -> EncodeResult:
+        """Build what fits, handle what overflows (truncate, drop or split), and assemble the result."""
+        outcomes, built = job.outcomes, _Built()
         counts = Counter(dict.fromkeys(COUNT_KEYS, 0))
-        counts["conversations"] = len(conversations)
-        items = self._accept_markers(conversations, outcomes)
-        fitting, overflowing = self._render_and_tokenize(items, outcomes)
+        counts["conversations"] = len(job.conversations)
+        fitting, overflowing = [], []
+        for item, enc in zip(job.items, encodings):
+            item.enc = enc
+            (fitting if len(enc) <= self.max_len else overflowing).append(item)
         overlong = []
         for item in overflowing:
             if self.overflow == "truncate":
@@ -256,7 +313,7 @@ class Encoder:
                 overlong.append(self._overlong(item))
         self._build(fitting, built, outcomes, counts)
         self._split(overlong, built, outcomes, counts)
-        return self._result(conversations, outcomes, built, counts)
+        return self._result(job.conversations, outcomes, built, counts)
 
     def _accept_markers(self, conversations: Sequence[Conversation], outcomes: list[_Outcome]) -> list[_Item]:
         """Items for the conversations whose content holds no marker; `marker_in_content` for the rest."""
@@ -285,16 +342,6 @@ class Encoder:
 
     # ----------------------------------------------------------------------------------------------
     # Render + tokenize (one batched tokenizer call)
-
-    def _render_and_tokenize(self, items: list[_Item], outcomes: list[_Outcome]) -> tuple[list[_Item], list[_Item]]:
-        """Render and tokenize `items`; return (fitting, over max_len); failures go to `outcomes`."""
-        ready = self._render(items, outcomes)
-        encodings = self._backend.encode_batch([it.rendered.text for it in ready], add_special_tokens=False)
-        fitting, overflowing = [], []
-        for item, enc in zip(ready, encodings):
-            item.enc = enc
-            (fitting if len(enc) <= self.max_len else overflowing).append(item)
-        return fitting, overflowing
 
     def _render(self, items: list[_Item], outcomes: list[_Outcome]) -> list[_Item]:
         """Render `items` in one call; return those rendered (`item.rendered` set); failures go to `outcomes`."""

@@ -263,13 +263,19 @@ class _Encoders:
     def encode(self, template: str, batches: Iterable[tuple[str, list[Conversation], list[Reject]]]
                ) -> Iterator[tuple[str, list[Reject], EncodeResult]]:
         """(split, convert rejects, EncodeResult) for each batch, in order."""
-        if self.pool is None:
-            for split, conversations, rejects in batches:
-                yield split, rejects, self.local[template].encode(conversations)
-            return
         from collections import deque
 
         pending: deque = deque()
+        if self.pool is None:  # in-process: tokenizing overlaps the rest (Encoder.encode_stream)
+            def conversations() -> Iterator[list[Conversation]]:
+                for split, batch, rejects in batches:
+                    pending.append((split, rejects))
+                    yield batch
+
+            for result in self.local[template].encode_stream(conversations()):
+                yield *pending.popleft(), result
+            return
+
         for split, conversations, rejects in batches:
             pending.append((split, rejects, self.pool.submit(_encode_in_worker, template, conversations)))
             if len(pending) >= 2 * self.workers:  # bounded memory: a few batches in flight
