@@ -45,6 +45,7 @@ from prep.errors import ConfigError
 from prep.overflow import Piece, Splitter, TooLong, token_range
 from prep.render import Rendered, RenderFailure, Template, render_batch, special_token_regex, special_token_strings
 from prep.slicing import Joints, SlicedEncoding, Whole, find_cut, joints_of, tail_fits
+from prep.token_bytes import ByteTable
 from prep.tokenizer import adds_bos
 from schemas.conversation import Conversation, Message
 from schemas.reject import ErrorDetail, Reject
@@ -52,6 +53,7 @@ from schemas.reject import ErrorDetail, Reject
 TRAIN_ON = ("completion", "last", "all")
 OVERFLOW = ("split", "truncate", "drop")
 IGNORE_INDEX = -100
+_UNSET = object()
 ENCODED_SCHEMA = pa.schema(
     [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("example_id", pa.string())]
 )
@@ -231,6 +233,7 @@ class Encoder:
         self._end_ids: dict[str, int] = {}
         self._normalizer = self._backend.normalizer
         self._joints = joints_of(tokenizer) if slicing else Joints(reason="slicing is off")
+        self._byte_table: Any = _UNSET  # built at the first check (prep.token_bytes)
 
     # ----------------------------------------------------------------------------------------------
     # Public
@@ -396,9 +399,12 @@ class Encoder:
         trained[starts[:-1]] = False  # the first label of every example
         failures = self._verify(id_lists, flat_ids, trained, starts, checks) if self.verify else {}
         keep = self._record(items, failures, np.add.reduceat(trained.astype(np.int64), starts[:-1]), built, outcomes)
-        token_keep = np.repeat(keep, lengths)
-        built.ids.append(flat_ids[token_keep])
-        built.labels.append(np.where(trained, flat_ids, np.int32(IGNORE_INDEX)).astype(np.int32)[token_keep])
+        labels = np.where(trained, flat_ids, np.int32(IGNORE_INDEX)).astype(np.int32, copy=False)
+        if not keep.all():
+            token_keep = np.repeat(keep, lengths)
+            flat_ids, labels = flat_ids[token_keep], labels[token_keep]
+        built.ids.append(flat_ids)
+        built.labels.append(labels)
         built.lengths.append(lengths[keep])
 
     def _record(
@@ -487,8 +493,7 @@ class Encoder:
         span_ok = (csum[g1] - csum[g0]) == (g1 - g0)
         end_ok = (end_id < 0) | (flat_ids[np.maximum(g1 - 1, 0)] == end_id)
         end_missing = np.array(is_reply) & (end_id < 0) & self.template.uses_chat_template
-        slices = [id_lists[e][a:b] for e, a, b in zip(example.tolist(), t0, t1)]
-        decoded = self._backend.decode_batch(slices, skip_special_tokens=False)
+        decodes = self._decode_check(id_lists, flat_ids, starts, example, t0, t1, expected)
         for c, k in enumerate(example.tolist()):
             if k in failures:
                 continue
@@ -499,7 +504,7 @@ class Encoder:
                 failures[k] = ("no_end_of_turn_token", where, "no special token ends this assistant turn")
             elif not end_ok[c]:
                 failures[k] = ("end_token_mismatch", where, "the last trained token is not the end-of-turn token")
-            elif not self._decodes_to(expected[c], decoded[c]):
+            elif not decodes[c]:
                 failures[k] = ("decode_mismatch", where, "the trained tokens do not decode to the content + end marker")
         return failures
 
@@ -513,6 +518,27 @@ class Encoder:
             int(k): ("bos_count", "messages", f"expected exactly one BOS at the start, found {int(bos_counts[k])}")
             for k in np.flatnonzero((bos_counts != 1) | ~first_ok)
         }
+
+    def _decode_check(self, id_lists: list[list[int]], flat_ids: np.ndarray, starts: np.ndarray, example: np.ndarray,
+                      t0: list[int], t1: list[int], expected: list[str]) -> list[bool]:
+        """Per check: its tokens [t0, t1) decode to text that holds `expected`. By table lookup over the whole
+        batch where the tokenizer is byte-level (prep.token_bytes), else with `decode_batch`."""
+        if self._byte_table is _UNSET:
+            self._byte_table = ByteTable.of(self.tokenizer)
+        if self._byte_table is None:
+            slices = [id_lists[e][a:b] for e, a, b in zip(example.tolist(), t0, t1)]
+            decoded = self._backend.decode_batch(slices, skip_special_tokens=False)
+            return [self._decodes_to(e, d) for e, d in zip(expected, decoded)]
+        buffer, offsets = self._byte_table.decode_ranges(flat_ids, starts[example] + t0, starts[example] + t1)
+        bounds = offsets.tolist()
+        return [self._bytes_hold(buffer, text, bounds[c], bounds[c + 1]) for c, text in enumerate(expected)]
+
+    def _bytes_hold(self, buffer: bytes, expected: str, start: int, end: int) -> bool:
+        """`expected` is in buffer[start:end] (UTF-8), as is or as the tokenizer's normalizer sees it."""
+        if buffer.find(expected.encode(), start, end) >= 0:
+            return True
+        return self._normalizer is not None and buffer.find(self._normalizer.normalize_str(expected).encode(),
+                                                            start, end) >= 0
 
     def _decodes_to(self, expected: str, decoded: str) -> bool:
         """`expected` (content + end marker) is in `decoded`, as the tokenizer's normalizer (e.g. NFC) sees it.

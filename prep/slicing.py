@@ -88,38 +88,43 @@ def joints_of(tokenizer: Any) -> Joints:
     """
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     try:
-        spec = json.loads(backend.to_str())
-    except Exception as exc:  # a backend that cannot describe itself: nothing can be proven, so nothing is sliced
+        specs = {kind: component_spec(getattr(backend, kind)) for kind in ("normalizer", "pre_tokenizer")}
+        added = list(backend.get_added_tokens_decoder().items())
+    except (AttributeError, TypeError, ValueError) as exc:  # not a tokenizers backend: nothing is proven or sliced
         return Joints(reason=f"the tokenizer cannot be inspected ({exc})")
-    reason = _pipeline_problem(spec)
+    reason = _pipeline_problem(backend, specs)
     if reason:
         return Joints(reason=reason)
-    added = [t for t in spec.get("added_tokens") or [] if t.get("content")]
-    normalizes = spec.get("normalizer") is not None
-    exact = {t["content"]: t["id"] for t in added
-             if not (t.get("lstrip") or t.get("rstrip") or t.get("single_word") or (t.get("normalized") and normalizes))}
-    contents = [t["content"] for t in added]
+    normalizes = backend.normalizer is not None
+    exact = {t.content: i for i, t in added
+             if t.content and not (t.lstrip or t.rstrip or t.single_word or (t.normalized and normalizes))}
+    contents = [t.content for _, t in added if t.content]
     tokens = {t: i for t, i in exact.items() if not any(t != other and t in other for other in contents)}
     return Joints(tokens, {i: t for t, i in tokens.items()}, "" if tokens else "no added token can serve as a joint")
 
 
-def _pipeline_problem(spec: dict) -> str:
+def component_spec(component: Any) -> dict | None:
+    """The JSON spec of one tokenizer component (normalizer, pre-tokenizer, decoder), or None."""
+    return None if component is None else json.loads(component.__getstate__())
+
+
+def _pipeline_problem(backend: Any, specs: dict[str, dict | None]) -> str:
     """Why this tokenizer pipeline is not provably stretch-local ('' when it is)."""
-    if spec.get("truncation") or spec.get("padding"):
+    if backend.truncation or backend.padding:
         return "the tokenizer truncates or pads"
-    model = spec.get("model") or {}
-    if model.get("type") not in _MODELS:
-        return f"unknown model type {model.get('type')!r}"
-    if model.get("dropout"):
+    model = type(backend.model).__name__
+    if model not in _MODELS:
+        return f"unknown model type {model!r}"
+    if getattr(backend.model, "dropout", None):
         return "BPE dropout makes tokenization random"
     for kind, known in (("normalizer", _LOCAL_NORMALIZERS), ("pre_tokenizer", _LOCAL_PRE_TOKENIZERS)):
-        unknown = [t for t in _component_types(spec.get(kind)) if t not in known]
+        unknown = [t for t in _component_types(specs[kind]) if t not in known]
         if unknown:
             return f"unknown {kind} {unknown[0]!r}"
     return ""
 
 
-def _component_types(component: Any) -> list[str]:
+def _component_types(component: dict | None) -> list[str]:
     """Every `type` in a (possibly nested Sequence) normalizer or pre-tokenizer spec."""
     if not component:
         return []
