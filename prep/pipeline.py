@@ -198,17 +198,23 @@ def _is_trivial(run: _Run) -> bool:
 
 def _encode_sources(run: _Run, report: PackReport, stores: dict[str, ExampleStore], rejects_path: Path,
                     progress: bool) -> None:
-    """Stream every source through dedup, split and weighting into the encoder and the split's store."""
+    """Stream every source through dedup, split and weighting into the encoder and the split's store.
+
+    The rejects file holds every convert-stage reject, then every pack-stage one (each in input order): written
+    as two streams and joined at the end, so that it does not depend on how the conversations were batched.
+    """
     config = run.config
     earlier: set[str] | None = set() if len(run.sources) > 1 else None
-    with open(rejects_path, "wb") as rejects, _progress(progress) as bar, _Encoders(run, _workers(run)) as encoders:
+    pack_rejects_path = rejects_path.with_name(rejects_path.name + ".pack")
+    with (open(rejects_path, "wb") as rejects, open(pack_rejects_path, "w+b") as pack_rejects,
+          _progress(progress) as bar, _Encoders(run, _workers(run)) as encoders):
         for source in run.sources:
             tally = _SourceTally(source, *_split_of(source, config), earlier)
             batches = tally.batches(config, report.inputs)
             for split, convert_rejects, result in encoders.encode(source.template or config.template, batches):
                 _write_rejects(rejects, convert_rejects)
                 stores[split].append(result.table)
-                _write_rejects(rejects, result.rejects)
+                _write_rejects(pack_rejects, result.rejects)
                 for counts, rejected in ((report.counts, report.rejected),
                                          (report.split_counts[split], report.split_rejected[split])):
                     counts.update(result.counts)
@@ -217,6 +223,9 @@ def _encode_sources(run: _Run, report: PackReport, stores: dict[str, ExampleStor
             report.sources.append(tally.to_dict())
             if earlier is not None:
                 earlier |= tally.hashes
+        pack_rejects.seek(0)
+        shutil.copyfileobj(pack_rejects, rejects)
+    pack_rejects_path.unlink()
 
 
 # Inputs smaller than this are encoded in-process: starting workers (each imports transformers) costs seconds.
