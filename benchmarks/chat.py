@@ -232,22 +232,32 @@ def peak_rss(data: Path, out: Path, max_len: int, workers: int, batch_bytes: str
 
 
 def memory(args: argparse.Namespace) -> None:
-    """Peak RSS at 1x and 8x long conversations."""
+    """Peak RSS of a one-conversation run (P), and at 1x and 8x long conversations, against P + 200 MiB + 100 x
+    --batch-bytes (the README's bound per encoding process)."""
+    from prep.write import parse_size
+
+    batch_bytes = args.batch_bytes or "1MiB"
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
-        sizes = (args.conversations // 8, args.conversations)
+        tiny = work / "tiny.jsonl"
+        tiny.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}\n')
+        baseline = peak_rss(tiny, work / "out-tiny", args.max_len, 1, None)["main"]
+        bound = baseline + 200 + 100 * parse_size(batch_bytes, "--batch-bytes") / 2**20
         print(f"long conversations (16k-32k SmolLM2 tokens each), --max-len {args.max_len}, --workers {args.workers}, "
-              f"--batch-bytes {args.batch_bytes or 'default'}; load average {os.getloadavg()[0]:.1f}")
+              f"--batch-bytes {batch_bytes}; load average {os.getloadavg()[0]:.1f}")
+        print(f"P (one short conversation, in-process): {baseline:,.0f} MiB; bound per encoding process "
+              f"P + 200 MiB + 100 x --batch-bytes = {bound:,.0f} MiB")
         peaks = []
-        for n in sizes:
+        for n in (args.conversations // 8, args.conversations):
             data = work / f"long-{n}.jsonl"
             tokens = long_conversations(data, n)
-            peak = peak_rss(data, work / f"out-{n}", args.max_len, args.workers, args.batch_bytes)
+            peak = peak_rss(data, work / f"out-{n}", args.max_len, args.workers, batch_bytes)
             peaks.append(peak)
-            print(f"{n:6,} conversations, {tokens:,} content tokens ({data.stat().st_size / 1e6:.0f} MB): peak RSS main "
-                  f"{peak['main']:,.0f} MiB, largest worker {peak['worker']:,.0f} MiB")
-        ratio = peaks[1]["main"] / peaks[0]["main"]
-        print(f"ratio 8x / 1x (main process): {ratio:.2f} (target <= 1.2)")
+            worker = f", largest worker {peak['worker']:,.0f} MiB" if args.workers > 1 else ""
+            print(f"{n:6,} conversations, {tokens:,} content tokens ({data.stat().st_size / 1e6:.0f} MB): peak RSS "
+                  f"main {peak['main']:,.0f} MiB{worker}; within the bound: "
+                  f"{max(peak['main'], peak['worker']) <= bound}")
+        print(f"ratio 8x / 1x (main process): {peaks[1]['main'] / peaks[0]['main']:.2f} (target <= 1.2)")
 
 
 def main() -> None:
