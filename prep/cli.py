@@ -15,6 +15,10 @@ import typer
 from prep.errors import PrepError
 
 FORMAT_HELP = "auto (detect per file), alpaca, sharegpt, openai, prompt_completion, transcript or unified."
+SubsetOpt = Annotated[Optional[str], typer.Option(
+    help="Subset (config) of hf://datasets/ inputs; default: the dataset's default.")]
+HubSplitOpt = Annotated[Optional[str], typer.Option(
+    "--split", help="Split of hf://datasets/ inputs (a+b joins); default: the only split, else train.")]
 app = typer.Typer(
     name="prep",
     help="Turn raw instruction-tuning data into training-ready shards.",
@@ -26,13 +30,17 @@ app = typer.Typer(
 
 @app.command()
 def convert(
-    inputs: Annotated[list[str], typer.Argument(help="Input files, globs or save_to_disk folders (sorted).")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Output: .parquet writes Parquet, else JSON Lines.")],
+    inputs: Annotated[list[str], typer.Argument(help="Input files, globs, save_to_disk folders or URLs "
+                                                     "(s3://, gs://, az://, https://, hf://datasets/ORG/NAME).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output path or URL: .parquet writes Parquet, "
+                                                                "else JSON Lines.")],
     format: Annotated[str, typer.Option("--format", "-f", help=FORMAT_HELP)] = "auto",
     rejects: Annotated[str | None, typer.Option(help="Rejects JSONL (default: OUTPUT with .rejects.jsonl).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any record is rejected.")] = False,
     dedup: Annotated[bool, typer.Option("--dedup", help="Drop exact duplicate conversations.")] = False,
+    subset: SubsetOpt = None,
+    split: HubSplitOpt = None,
 ) -> None:
     """Convert raw SFT data (Alpaca, ShareGPT, OpenAI, transcripts) to unified conversations."""
     from rich.console import Console
@@ -41,7 +49,7 @@ def convert(
     from prep.report import render_report
 
     config = build_config(inputs=inputs, output=output, format=format, rejects=rejects, overwrite=overwrite,
-                          strict=strict, dedup=dedup)
+                          strict=strict, dedup=dedup, subset=subset, split=split)
     report = convert_files(config, progress=sys.stderr.isatty())
     console = Console()
     console.print(render_report(report))
@@ -73,8 +81,8 @@ RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow 
 @app.command()
 def pack(
     inputs: Annotated[Optional[list[str]], typer.Argument(
-        help="Unified JSONL/Parquet from `prep convert`, or raw files (or use --recipe).")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder for the shards.")] = None,
+        help="Unified JSONL/Parquet from `prep convert`, or raw files, or URLs (or use --recipe).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder (or URL) for the shards.")] = None,
     recipe: Annotated[Optional[str], typer.Option(
         help="Recipe file (YAML/TOML): sources, weights, split, options. Flags given here override it.")] = None,
     val_fraction: Annotated[Optional[float], typer.Option(
@@ -89,6 +97,9 @@ def pack(
     overflow: Annotated[Optional[str], typer.Option(help="split | truncate | drop; default split.")] = None,
     pack: Annotated[Optional[bool], typer.Option("--pack/--no-pack", help="Pack several examples per row.",
                                                  show_default="pack")] = None,
+    pad_to_multiple_of: Annotated[Optional[int], typer.Option(
+        "--pad-to-multiple-of", help="Pad every example (masked, positions continuing) to a multiple of N tokens, "
+        "for context parallelism (N = 2 x CP size); default 1 (no padding).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the row shuffle, split and weights; default 0.")] = None,
     shard_size: Annotated[Optional[str], typer.Option("--shard-size", help="Target shard size; default 256MB.")] = None,
     add_special_tokens: Annotated[Optional[bool], typer.Option(
@@ -105,6 +116,8 @@ def pack(
                                               "The output is the same for any number.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if anything was rejected or dropped.")] = False,
+    subset: SubsetOpt = None,
+    split: HubSplitOpt = None,
 ) -> None:
     """Render, tokenize, mask and pack conversations into Arrow shards with a manifest.
 
@@ -122,8 +135,32 @@ def pack(
 
 
 @app.command()
+def export(
+    shards: Annotated[str, typer.Argument(help="Shard folder written by `prep pack` (every split is exported).")],
+    to: Annotated[str, typer.Option("--to", help="megatron | mds | parquet.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder of the export.")],
+    mds_shard_size: Annotated[str, typer.Option("--mds-shard-size", help="Size limit of each MDS shard file.")] = "64MiB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export folder.")] = False,
+) -> None:
+    """Export shards for Megatron (indexed dataset + Megatron-Bridge packed Parquet), MosaicML Streaming, Parquet."""
+    flags = dict(locals())
+    from rich.console import Console
+
+    from prep.errors import flag_error
+    from prep.export import export_shards, render_export
+    from pydantic import ValidationError
+    from schemas.export_config import ExportConfig
+
+    try:
+        config = ExportConfig(**flags)
+    except ValidationError as e:
+        raise flag_error(e) from None
+    Console().print(render_export(export_shards(config)))
+
+
+@app.command()
 def inspect(
-    path: Annotated[str, typer.Argument(help="A shard folder, or an input file with --record.")],
+    path: Annotated[str, typer.Argument(help="A shard folder (or URL), or an input file with --record.")],
     row: Annotated[int, typer.Option(help="Row to show (0-based, over all shards).")] = 0,
     example: Annotated[Optional[int], typer.Option(help="Only this example of the row (0-based).")] = None,
     ids: Annotated[bool, typer.Option("--ids", help="Show token ids and labels side by side.")] = False,
@@ -143,9 +180,10 @@ def inspect(
     from prep.errors import ConfigError
     from prep.inspect import inspect_record, inspect_shards, render_row
     from prep.load import split_path
+    from prep.remote import is_url
 
     if record is None:
-        if not os.path.isdir(path):
+        if not (os.path.isdir(path) or is_url(path)):
             raise ConfigError(f"{path}: not a shard folder; to inspect an input record pass --record N")
         view = inspect_shards(split_path(path, split), row=row, example=example)
     else:
@@ -157,7 +195,7 @@ def inspect(
 
 @app.command()
 def stats(
-    inputs: Annotated[list[str], typer.Argument(help="A shard folder, or input files.")],
+    inputs: Annotated[list[str], typer.Argument(help="A shard folder (or URL), or input files.")],
     plot: Annotated[Optional[str], typer.Option(help="Also write the length histogram to FILE (.png/.html/.svg).")] = None,
     top: Annotated[int, typer.Option(help="How many of the longest examples to list.")] = 5,
     bins: Annotated[int, typer.Option(help="Histogram bins.")] = 16,
@@ -176,9 +214,10 @@ def stats(
 
     from prep.plot import write_histogram
     from prep.load import split_path
+    from prep.remote import is_shard_folder
     from prep.stats import input_stats, render_stats, shard_stats
 
-    if len(inputs) == 1 and os.path.isfile(os.path.join(inputs[0], "manifest.json")):
+    if len(inputs) == 1 and is_shard_folder(inputs[0]):
         result = shard_stats(split_path(inputs[0], split), top=top)
     else:
         result = input_stats(inputs, tokenizer=tokenizer, template=template, train_on=train_on, max_len=max_len,
@@ -192,17 +231,18 @@ def stats(
 
 @app.command()
 def verify(
-    path: Annotated[str, typer.Argument(help="The shard folder.")],
+    path: Annotated[str, typer.Argument(help="The shard folder (or its s3://, gs://, az://, https:// URL).")],
     limit: Annotated[int, typer.Option(help="Problems listed per file and check.")] = 10,
 ) -> None:
     """Check shard hashes, schema and every row's invariants; exit 1 on any problem."""
     from rich.console import Console
 
+    from prep.remote import join
     from prep.verify import render_verify, verify_shards
 
     from prep.load import split_names
 
-    folders = [os.path.join(path, name) for name in split_names(path)] or [path]
+    folders = [join(path, name) for name in split_names(path)] or [path]
     ok = True
     for folder in folders:
         report = verify_shards(folder, limit=limit)
@@ -214,7 +254,7 @@ def verify(
 
 @app.command()
 def train(
-    shards: Annotated[str, typer.Argument(help="Folder written by `prep pack`.")],
+    shards: Annotated[str, typer.Argument(help="Folder (or URL) written by `prep pack`.")],
     out_dir: Annotated[str, typer.Option("--out-dir", "-o", help="Checkpoints, metrics.jsonl and the final model.")] = "out",
     model: Annotated[str, typer.Option(help="Local folder or hub id; empty = random init from --model-config.")] = "",
     model_config: Annotated[str, typer.Option("--model-config", help="Built-in config for random init: tiny|small|0.5b.")] = "tiny",
@@ -291,7 +331,9 @@ def main() -> None:
     try:
         app()
     except PrepError as e:
-        Console(stderr=True).print(Text(f"error: {e}", style="red"), soft_wrap=True)
+        from prep.remote import redact  # no credential of a URL reaches the terminal, whatever raised
+
+        Console(stderr=True).print(Text(f"error: {redact(str(e))}", style="red"), soft_wrap=True)
         sys.exit(1)
     except (_Interrupted, KeyboardInterrupt):
         Console(stderr=True).print(Text("interrupted; no output written", style="red"), soft_wrap=True)

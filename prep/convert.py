@@ -648,7 +648,7 @@ def convert_files(config: ConvertConfig, progress: bool = False) -> Report:
     >>> report.total.accepted  # doctest: +SKIP
     10
     """
-    inputs = expand_inputs(config.inputs)
+    inputs = expand_inputs(config.inputs, subset=config.subset, split=config.split)
     rejects = config.rejects or default_rejects_path(config.output)
     if os.path.abspath(rejects) == os.path.abspath(config.output):
         raise ConfigError(f"--rejects {rejects}: must differ from the output")

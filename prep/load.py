@@ -1,6 +1,8 @@
 """Read prep shards: memory-mapped Arrow tables, a rank-aware torch Dataset, and a collator for packed rows.
 
 Imports only torch, pyarrow, numpy and the stdlib: the GPU machines have no pydantic and no datasets.
+A shard folder URL (`s3://bucket/shards`) is read from a checked local copy (prep.remote.local_shards); fsspec
+and the store's package are imported only then.
 
 Packed rows hold several whole examples. The model must not let one example attend to another, so
 `packed_attention_kwargs` turns each batch's `position_ids` (which restart at 0 at every example) into the
@@ -21,12 +23,14 @@ import pyarrow as pa
 import torch
 
 from prep.errors import ConfigError, ShardError
+from prep.remote import is_url
 
 FORMAT = "prep-shards"
 FORMAT_VERSION = 1
 SPLITS_FILE = "dataset_dict.json"  # marks a folder of split shard folders (train/, validation/)
 IGNORE_INDEX = -100
 SHARD_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lengths")
+UNPADDED_COLUMN = "seq_lengths_unpadded"  # real example lengths of shards packed with --pad-to-multiple-of N > 1
 LIST_INT32 = pa.list_(pa.int32())
 MASK_PATHS = ("sdpa", "eager")  # take an explicit 4D block-diagonal causal mask
 FLEX_PATHS = ("flex_attention",)  # take a BlockMask: masked-out blocks are skipped, not computed
@@ -159,7 +163,7 @@ def split_names(path: str | Path) -> list[str]:
     >>> split_names("shards/")  # doctest: +SKIP
     ['train', 'validation']
     """
-    file = Path(path) / SPLITS_FILE
+    file = Path(_local(path)) / SPLITS_FILE
     if not file.is_file():
         return []
     try:
@@ -168,19 +172,28 @@ def split_names(path: str | Path) -> list[str]:
         raise ShardError(f"{file}: unreadable split list: {e}") from e
 
 
-def split_path(path: str | Path, split: str = "train") -> Path:
+def split_path(path: str | Path, split: str = "train") -> Path | str:
     """The shard folder of `split`: `path/split` in a split folder; `path` itself for "train" otherwise.
+    A URL gives a URL (its copy is fetched by `load_shards`).
 
     Raises:
         ShardError: the folder has no such split.
     """
-    path = Path(path)
     names = split_names(path)
     if split in names:
-        return path / split
+        return f"{str(path).rstrip('/')}/{split}" if is_url(path) else Path(path) / split
     if not names and split == "train":
-        return path
+        return path if is_url(path) else Path(path)
     raise ShardError(f"{path}: no {split!r} split (has {names or ['train']}); pack with --val-fraction or --val-size")
+
+
+def _local(path: str | Path) -> str | Path:
+    """The folder itself, or for a URL its fetched, checked local copy."""
+    if is_url(path):
+        from prep.remote import local_shards
+
+        return local_shards(str(path))
+    return path
 
 
 def load_shards(path: str | Path, split: str = "train") -> Shards:
@@ -191,7 +204,8 @@ def load_shards(path: str | Path, split: str = "train") -> Shards:
     and `validation/`; `split` picks one (the train split by default).
 
     Args:
-        path: folder written by `prep pack`.
+        path: folder written by `prep pack`, or its URL (fetched once into a local cache, checked against the
+            manifest's sha256, memory-mapped from there).
         split: "train" or "validation".
     Returns:
         Shards(path, manifest, table) with one zero-copy table over all shard files, in manifest order.
@@ -203,7 +217,7 @@ def load_shards(path: str | Path, split: str = "train") -> Shards:
     >>> shards.table.column_names[:2], shards.max_len  # doctest: +SKIP
     (['input_ids', 'labels'], 2048)
     """
-    path = split_path(path, split)
+    path = Path(_local(split_path(path, split)))
     manifest = read_manifest(path)
     tables = []
     for entry in manifest["shards"]:
@@ -253,7 +267,7 @@ class PackedDataset(torch.utils.data.Dataset):
         if shards.num_rows < world_size:
             raise ShardError(f"{shards.path}: {shards.num_rows} rows cannot feed {world_size} ranks: pack more data")
         self.shards, self.rank, self.world_size, self.seed, self.shuffle = shards, rank, world_size, seed, shuffle
-        self.columns = {name: _ListColumn(shards.table.column(name)) for name in SHARD_COLUMNS}
+        self.columns = {name: _ListColumn(shards.table.column(name)) for name in _row_columns(shards)}
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -296,6 +310,26 @@ def block_causal_mask(
     if dtype == torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def _row_columns(shards: Shards) -> tuple[str, ...]:
+    """The columns a row item carries: the shard columns, plus seq_lengths_unpadded when the shards are padded."""
+    return SHARD_COLUMNS + ((UNPADDED_COLUMN,) if UNPADDED_COLUMN in shards.table.column_names else ())
+
+
+def cu_seqlens_pair(seq_lengths: torch.Tensor, seq_lengths_unpadded: torch.Tensor | None = None):
+    """(cu_seqlens, cu_seqlens_padded), int32, of examples laid out one after another (a THD batch).
+
+    Transformer Engine's naming: `cu_seqlens` are the cumulative real lengths, `cu_seqlens_padded` the
+    cumulative lengths as laid out (with `--pad-to-multiple-of` padding). Shards store `seq_lengths`
+    (laid out) and, when padded, `seq_lengths_unpadded`; without padding both results are equal.
+
+    >>> [c.tolist() for c in cu_seqlens_pair(torch.tensor([4, 8]), torch.tensor([3, 5]))]
+    [[0, 3, 8], [0, 4, 12]]
+    """
+    real = seq_lengths if seq_lengths_unpadded is None else seq_lengths_unpadded
+    zero = torch.zeros(1, dtype=torch.int32, device=seq_lengths.device)
+    return tuple(torch.cat([zero, torch.cumsum(x, 0).to(torch.int32)]) for x in (real, seq_lengths))
 
 
 def example_index(position_ids: torch.Tensor) -> torch.Tensor:
@@ -509,6 +543,6 @@ class Collator:
 
 def iter_rows(shards: Shards) -> Iterator[dict[str, np.ndarray]]:
     """Every row in file order as dict of zero-copy int32 numpy arrays (for inspection and tests)."""
-    columns = {name: _ListColumn(shards.table.column(name)) for name in SHARD_COLUMNS}
+    columns = {name: _ListColumn(shards.table.column(name)) for name in _row_columns(shards)}
     for row in range(shards.num_rows):
         yield {name: col[row] for name, col in columns.items()}

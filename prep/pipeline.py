@@ -27,8 +27,9 @@ from prep import __version__
 from prep.convert import iter_conversations, relaxed_gc
 from prep.encode import EncodeResult, Encoder
 from prep.errors import AccountingError, ConfigError, PrepError, flag_error
-from prep.pack import plan_bfd, plan_unpacked, shuffle_rows
+from prep.pack import padded_lengths, plan_bfd, plan_unpacked, shuffle_rows, with_padding
 from prep.read import expand_inputs
+from prep.remote import is_url, join
 from prep.recipe import copies, load_recipe, repeat, validation_hashes, with_system
 from prep.render import Template, load_template, template_sha256
 from prep.report import Counts, Report
@@ -50,7 +51,9 @@ from schemas.reject import Reject
 
 REJECTS_FILE = "rejects.jsonl"
 # Options that change the shards' bytes; output/overwrite/strict do not.
-_FINGERPRINT_EXCLUDE = {"inputs", "output", "overwrite", "strict", "batch_size", "batch_bytes", "workers", "recipe"}
+# subset/split are left out as well: the data files they choose are among the inputs.
+_FINGERPRINT_EXCLUDE = {"inputs", "output", "overwrite", "strict", "batch_size", "batch_bytes", "workers", "recipe",
+                        "subset", "split"}
 SPLITS = ("train", "validation")
 SPLITS_FORMAT = "prep-shards-splits"  # the top-level manifest of a folder holding train/ and validation/
 
@@ -126,7 +129,7 @@ def pack_shards(config: PackConfig, progress: bool = False) -> PackReport:
     report = PackReport(config.output, False, Report("prep pack"), {}, markers=check_markers(run.template, run.tokenizer))
     if config.tokenizer is None:
         report.notices.append(DEFAULT_TOKENIZER_NOTICE)
-    parent = Path(config.output).absolute().parent
+    parent = _spill_parent(config.output)
     parent.mkdir(parents=True, exist_ok=True)
     with ExampleStore(parent=parent) as train, ExampleStore(parent=parent) as validation:
         stores = {"train": train, "validation": validation}
@@ -146,7 +149,7 @@ def pack_shards(config: PackConfig, progress: bool = False) -> PackReport:
 def _prepare(config: PackConfig) -> _Run:
     """Load the sources, tokenizer and templates, describe the inputs and fingerprint the run."""
     parse_size(config.batch_bytes, "--batch-bytes")  # a bad size fails before anything is read
-    sources = mixture_sources(config)
+    sources = [_pinned(s, config) for s in mixture_sources(config)]
     paths = [p for source in sources for p in expand_inputs(source.paths)]
     tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
     names = [config.template] + [s.template for s in sources if s.template and s.template != config.template]
@@ -176,6 +179,26 @@ def mixture_sources(config: PackConfig) -> list[Source]:
     if config.format != "auto":
         sources = [s.model_copy(update={"format": config.format}) for s in sources]
     return sources
+
+
+def _pinned(source: Source, config: PackConfig) -> Source:
+    """A source whose URLs are resolved once: a hub dataset to its data files at one commit, a store glob to its
+    objects, so every later reading of the run reads the same files (a branch may move meanwhile)."""
+    if not any(is_url(p) for p in source.paths):
+        return source
+    from prep.remote import redact
+
+    paths = expand_inputs(source.paths, subset=source.subset or config.subset, split=source.split or config.split)
+    return source.model_copy(update={"path": paths, "name": redact(source.label)})
+
+
+def _spill_parent(output: str) -> Path:
+    """Where the encoded examples are spilled: beside the output, or in the local staging folder for a URL."""
+    if is_url(output):
+        from prep.remote import local_staging_root
+
+        return local_staging_root()
+    return Path(output).absolute().parent
 
 
 def _split_of(source: Source, config: PackConfig) -> tuple[float | None, int | None]:
@@ -438,7 +461,7 @@ def _write_single(run: _Run, report: PackReport, store: ExampleStore, rejects_pa
         run.tokenizer.save_pretrained(tmp / "tokenizer")
         shutil.move(str(rejects_path), tmp / REJECTS_FILE)
 
-    report.manifest = write_shards(store, _plan(store, config), config.output, max_len=config.max_len,
+    report.manifest = write_shards(store, _plan(store, config, _pad_id(run)), config.output, max_len=config.max_len,
                                    seed=config.seed, shard_size=config.shard_size, manifest_extra=extra,
                                    overwrite=config.overwrite, before_commit=before_commit)
     report.split_manifests["train"] = report.manifest
@@ -451,7 +474,7 @@ def _write_splits(run: _Run, report: PackReport, stores: dict[str, ExampleStore]
         for split, store in stores.items():
             fingerprint = hashlib.sha256(f"{run.fingerprint}:{split}".encode()).hexdigest()
             report.split_manifests[split] = write_shards(
-                store, _plan(store, config), tmp / split, max_len=config.max_len, seed=config.seed,
+                store, _plan(store, config, _pad_id(run)), tmp / split, max_len=config.max_len, seed=config.seed,
                 shard_size=config.shard_size, manifest_extra=_manifest_extra(run, report, split, fingerprint),
                 before_commit=lambda t: run.tokenizer.save_pretrained(t / "tokenizer"))
         shutil.move(str(rejects_path), tmp / REJECTS_FILE)
@@ -594,7 +617,7 @@ def _split_line(split: str | None, m: dict[str, Any], output: str) -> Any:
     from rich.text import Text
 
     p = m["packing"]
-    where = Path(output) / split if split else Path(output)
+    where = join(output, split) if split else output
     prefix = f"{split}: " if split else ""
     return Text(f"{prefix}rows {p['rows']:,} (lower bound {p['lower_bound_rows']:,}), packing efficiency "
                 f"{p['efficiency']:.2%}, {len(m['shards'])} shard(s) in {where}")
@@ -609,7 +632,7 @@ def _not_written(report: PackReport) -> list[Any]:
         return []
     reasons = dict(report.rejected) | ({"too_long": dropped} if dropped else {})
     return [Text("not written: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) +
-                 f" (see {Path(report.output) / REJECTS_FILE})", style="yellow")]
+                 f" (see {join(report.output, REJECTS_FILE)})", style="yellow")]
 
 
 def _marker_table(markers: list[MarkerCheck]) -> Any:
@@ -636,7 +659,7 @@ def check_strict(config: PackConfig, report: PackReport) -> None:
     lost = report.inputs.total.rejected_total + sum(report.rejected.values()) + report.counts["dropped"]
     if config.strict and lost:
         raise PrepError(f"{lost} record(s)/example(s) rejected or dropped and --strict is set; "
-                        f"see {Path(report.output) / REJECTS_FILE}")
+                        f"see {join(report.output, REJECTS_FILE)}")
 
 
 def _batched(items: Iterable[Conversation | Reject], size: int,
@@ -706,15 +729,31 @@ def _check_accounting(report: PackReport) -> None:
             )
 
 
-def _plan(store: ExampleStore, config: PackConfig) -> Any:
-    """The row plan: best-fit-decreasing then a seeded row shuffle, or one example per row."""
+def _plan(store: ExampleStore, config: PackConfig, pad_id: int) -> Any:
+    """The row plan: best-fit-decreasing then a seeded row shuffle, or one example per row; with
+    `--pad-to-multiple-of N` the rows are planned on the padded lengths and the examples laid out padded."""
+    n = config.pad_to_multiple_of
     if not config.pack:
-        return plan_unpacked(len(store), config.seed)
-    return shuffle_rows(plan_bfd(store.lengths, config.max_len), config.seed)
+        plan = plan_unpacked(len(store), config.seed)
+    else:
+        plan = shuffle_rows(plan_bfd(padded_lengths(store.lengths, n), config.max_len), config.seed)
+    return with_padding(plan, n, pad_id) if n > 1 else plan
+
+
+def _pad_id(run: _Run) -> int:
+    """The token that pads examples: the tokenizer's pad token, else eos, else 0 (the manifest's pad_token_id)."""
+    tokenizer = run.tokenizer
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
 
 
 def _describe_input(path: str) -> dict[str, Any]:
-    """Name, size and sha256 of one input (a folder: of each file in it, in sorted order)."""
+    """Name, size and sha256 of one input (a folder: of each file in it, in sorted order); a hub file also
+    records its commit."""
+    if is_url(path):
+        return _describe_url(path)
     p = Path(path)
     if p.is_dir():
         digest = hashlib.sha256()
@@ -726,6 +765,16 @@ def _describe_input(path: str) -> dict[str, Any]:
     return {"path": path, "sha256": sha256_file(p), "bytes": p.stat().st_size}
 
 
+def _describe_url(url: str) -> dict[str, Any]:
+    """_describe_input of a URL: a hub file from its cached copy (and its commit), a store object streamed."""
+    from prep import hub, remote
+
+    if hub.is_hub(url):
+        entry = _describe_input(hub.local_file(url))
+        return {"path": url, "sha256": entry["sha256"], "bytes": entry["bytes"], "commit": hub.commit_of(url)}
+    return remote.describe(url)
+
+
 def _fingerprint(run: _Run) -> str:
     """sha256 of the input bytes, tokenizer, template, prep version and every option that changes the output.
 
@@ -733,7 +782,8 @@ def _fingerprint(run: _Run) -> str:
     """
     payload = {
         "prep_version": __version__,
-        "inputs": [(os.path.basename(i["path"]), i["sha256"]) for i in run.inputs],
+        "inputs": [(os.path.basename(i["path"]), i["sha256"], *([i["commit"]] if "commit" in i else []))
+                   for i in run.inputs],
         "tokenizer": tokenizer_fingerprint(run.tokenizer),
         "template": template_sha256(run.template),
         "options": _options(run),
@@ -749,6 +799,8 @@ def _options(run: _Run) -> dict[str, Any]:
     for key in ("val_fraction", "val_size"):
         if options[key] is None:
             del options[key]
+    if options["pad_to_multiple_of"] == 1:  # fingerprints of unpadded runs stay what they were
+        del options["pad_to_multiple_of"]
     if len(run.sources) == 1:
         options["format"] = run.sources[0].format
     return options
@@ -765,6 +817,14 @@ def _source_key(run: _Run, source: Source) -> dict[str, Any]:
 
 def _existing_manifest(output: str) -> dict[str, Any] | None:
     """The manifest of an existing output, or None (no output, or not readable as JSON)."""
+    if is_url(output):
+        from prep import remote
+
+        file = remote.join(output, "manifest.json")
+        try:
+            return json.loads(remote.read_bytes(file)) if remote.exists(file) else None
+        except ValueError:
+            return None
     try:
         return json.loads((Path(output) / "manifest.json").read_text())
     except (OSError, ValueError):

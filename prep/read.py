@@ -6,6 +6,11 @@ holding one list), `.csv`, each optionally compressed (`.gz`, `.zst`, `.bz2`, `.
 folder written by `datasets.Dataset.save_to_disk`. Several paths and globs are expanded and sorted, so the same
 arguments always read the same rows in the same order.
 
+Inputs may also be URLs (prep.remote): object stores and the web (`s3://`, `gs://`, `az://`, `https://`, globs
+on stores), streamed in blocks like local files, and Hugging Face Hub datasets (`hf://datasets/ORG/NAME`,
+prep.hub), resolved to their data files and read from the Hugging Face cache. Either way a row keeps the URL
+(credentials masked) as its path.
+
 JSON Lines payloads stay `bytes` (validated later straight from the bytes); the other formats give
 `dict` rows. JSON Lines, Parquet, CSV, Arrow and save_to_disk folders are streamed in batches; a `.json`
 array is parsed whole (a single JSON value cannot be streamed cheaply).
@@ -23,15 +28,17 @@ import io
 import json
 import lzma
 import os
+import posixpath
+import re
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import pydantic_core
 
 from prep.errors import InputError
+from prep.remote import is_url
 
 BATCH_SIZE = 2048
 BATCH_BYTES = 2**20  # JSON Lines and CSV batches also end after this much input, so long records keep memory bounded
@@ -60,13 +67,15 @@ class RawBatch(NamedTuple):
     done: float
 
 
-def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
+def expand_inputs(inputs: Iterable[str | os.PathLike[str]], *, subset: str | None = None,
+                  split: str | None = None) -> list[str]:
     """Expand globs, drop repeats and sort, so the same arguments always give the same order.
 
     Args:
-        inputs: file or folder paths and glob patterns (`data/**/*.jsonl`).
+        inputs: file or folder paths and glob patterns (`data/**/*.jsonl`), or URLs (see the module docstring).
+        subset, split: the config and split of hub dataset URLs (default: the default config, its train split).
     Returns:
-        the matching paths, sorted.
+        the matching paths, sorted; a hub dataset becomes its data files' URLs, pinned to the resolved commit.
     Raises:
         InputError: a path does not exist or a glob matches nothing.
 
@@ -76,7 +85,9 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
     found: set[str] = set()
     for item in inputs:
         text = os.fspath(item)
-        if os.path.exists(text):
+        if is_url(text):
+            found.update(_url_inputs(text, subset, split))
+        elif os.path.exists(text):
             found.add(os.path.normpath(text))
         elif glob.has_magic(text):
             matches = glob.glob(text, recursive=True)
@@ -84,8 +95,30 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
                 raise InputError("no file matches this pattern", path=text)
             found.update(os.path.normpath(m) for m in matches)
         else:
-            raise InputError("no such file or folder", path=text)
+            raise InputError("no such file or folder" + _hub_hint(text), path=text)
     return sorted(found)
+
+
+def _url_inputs(url: str, subset: str | None, split: str | None) -> list[str]:
+    """The inputs a URL names: a hub dataset's data files (pinned), a store glob's matches, or the URL itself."""
+    from prep import hub, remote
+
+    if hub.is_hub(url):
+        if hub.commit_of(url) and hub.parse(url).path and not glob.has_magic(url):
+            return [url]  # already pinned to a commit: resolved before
+        return hub.resolve(url, subset, split)
+    return remote.stored_input(url)
+
+
+def _hub_hint(path: str) -> str:
+    """A hint when a missing path looks like a hub dataset id (ORG/NAME).
+
+    >>> _hub_hint("HuggingFaceH4/no_robots")
+    '; for the Hugging Face dataset HuggingFaceH4/no_robots write hf://datasets/HuggingFaceH4/no_robots'
+    """
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.splitext(path)[1]:
+        return f"; for the Hugging Face dataset {path} write hf://datasets/{path}"
+    return ""
 
 
 def input_kind(path: str) -> str:
@@ -97,6 +130,8 @@ def input_kind(path: str) -> str:
     >>> input_kind("data/train.jsonl.gz")
     'jsonl'
     """
+    if is_url(path):
+        return _url_kind(path)
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "dataset_dict.json")):
             raise InputError("this is a DatasetDict folder; pass one split's folder (e.g. PATH/train)", path=path)
@@ -104,6 +139,25 @@ def input_kind(path: str) -> str:
             raise InputError(f"folder is not a datasets.save_to_disk folder (no state.json); expected {SUPPORTED}",
                              path=path)
         return "saved"
+    return _file_kind(path)
+
+
+def _url_kind(url: str) -> str:
+    """input_kind of a URL: a store folder must be a save_to_disk folder; files go by their suffix."""
+    from prep import hub, remote
+
+    if not hub.is_hub(url) and remote.isdir(url):
+        if remote.exists(remote.join(url, "dataset_dict.json")):
+            raise InputError("this is a DatasetDict folder; pass one split's folder (e.g. URL/train)", path=url)
+        if not remote.exists(remote.join(url, "state.json")):
+            raise InputError(f"folder is not a datasets.save_to_disk folder (no state.json); expected {SUPPORTED}",
+                             path=url)
+        return "saved"
+    return _file_kind(url.split("?", 1)[0])
+
+
+def _file_kind(path: str) -> str:
+    """input_kind of a file, by its suffix."""
     codec = compression(path)
     name = path.lower()
     if codec:
@@ -135,7 +189,26 @@ def read_batches(path: str, batch_size: int = BATCH_SIZE) -> Iterator[RawBatch]:
     kind = input_kind(path)
     readers = {"jsonl": _jsonl_batches, "json": _json_batches, "csv": _csv_batches,
                "parquet": _parquet_batches, "arrow": _arrow_batches, "saved": _saved_batches}
+    if is_url(path):
+        return _url_batches(path, readers[kind], batch_size)
     return readers[kind](path, batch_size)
+
+
+def _url_batches(url: str, reader: Any, batch_size: int) -> Iterator[RawBatch]:
+    """A reader's batches for a URL: a hub file is read from its cached copy, a store object streamed; every
+    batch and error names the URL."""
+    from prep import hub, remote
+
+    if hub.is_hub(url):
+        local = hub.local_file(url)
+        try:
+            for batch in reader(local, batch_size):
+                yield batch._replace(path=url)
+        except InputError as e:
+            raise InputError(e.msg, path=url, line=e.line, field=e.field) from None
+        return
+    with remote.translated(url):
+        yield from reader(url, batch_size)
 
 
 def read_rows(paths: Iterable[str | os.PathLike[str]], batch_size: int = BATCH_SIZE) -> Iterator[RawRow]:
@@ -163,7 +236,7 @@ def compression(path: str) -> str | None:
 def _open_bytes(path: str) -> Iterator[tuple[IO[bytes], IO[bytes]]]:
     """Open a file for binary reading, decompressing by suffix; yields (stream, raw file for tell())."""
     try:
-        raw = open(path, "rb")  # noqa: SIM115  # closed by the `with raw` below
+        raw = _open_raw(path)
     except OSError as e:
         raise InputError(f"cannot open: {e.strerror}", path=path) from None
     with raw:
@@ -174,6 +247,24 @@ def _open_bytes(path: str) -> Iterator[tuple[IO[bytes], IO[bytes]]]:
         # BufferedReader: the decompressors' own line iteration is several times slower.
         with io.BufferedReader(_decompressor(codec, raw), 1 << 20) as stream:
             yield stream, raw
+
+
+def _open_raw(path: str) -> IO[bytes]:
+    """The file itself, or a URL's object streamed in blocks (prep.remote)."""
+    if is_url(path):
+        from prep.remote import open_input
+
+        return open_input(path)
+    return open(path, "rb")  # noqa: SIM115  # the caller closes it
+
+
+def _size(path: str) -> int:
+    """Bytes of a file or of a URL's object, at least 1 (a divisor for progress)."""
+    if is_url(path):
+        from prep.remote import size
+
+        return max(size(path), 1)
+    return max(os.path.getsize(path), 1)
 
 
 def _decompressor(codec: str, raw: IO[bytes]) -> Any:
@@ -192,13 +283,18 @@ def _decompressor(codec: str, raw: IO[bytes]) -> Any:
 def _read_failed(path: str, where: str, error: Exception) -> InputError:
     """The error for a read that broke off: corrupt compressed data, or an I/O error."""
     codec = compression(path)
+    corrupt = codec and (isinstance(error, _DECOMPRESS_ERRORS) or type(error) is OSError)  # bz2, zstd: OSError
+    if is_url(path) and not corrupt:
+        from prep.remote import remote_error
+
+        return remote_error(path, error, where=where)  # type: ignore[return-value]
     what = f"corrupt or truncated {codec}" if codec else "read failed"
     return InputError(f"{what} {where}({error})", path=path)
 
 
 def _jsonl_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
     """JSON Lines: one payload per non-blank line; blank lines are skipped but keep their numbers."""
-    size = max(os.path.getsize(path), 1)
+    size = _size(path)
     with _open_bytes(path) as (stream, raw):
         lines: list[int] = []
         payloads: list[bytes] = []
@@ -269,7 +365,7 @@ def _records_of(value: Any, path: str) -> list[Any]:
 
 def _csv_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
     """CSV with a header row; cells missing from a short row are left out (a missing field, not None)."""
-    size = max(os.path.getsize(path), 1)
+    size = _size(path)
     with _open_bytes(path) as (stream, raw):
         text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
         reader = csv.DictReader(text)
@@ -302,7 +398,7 @@ def _parquet_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(_open_raw(path) if is_url(path) else path)
         total = max(parquet.metadata.num_rows, 1)
         start = 0
         for batch in parquet.iter_batches(batch_size=batch_size):
@@ -310,14 +406,16 @@ def _parquet_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
             yield RawBatch(path, list(range(start, start + len(rows))), rows, (start + len(rows)) / total)
             start += len(rows)
     except (pa.ArrowException, OSError) as e:
+        if is_url(path) and not isinstance(e, pa.ArrowException):
+            raise _read_failed(path, "", e) from None
         raise InputError(f"unreadable Parquet ({e})", path=path) from None
 
 
 def _saved_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
     """A `datasets.save_to_disk` folder: its Arrow stream files in the order state.json lists them."""
     try:
-        state = json.loads(Path(path, "state.json").read_text())
-        files = [Path(path, f["filename"]) for f in state["_data_files"]]
+        state = json.loads(_read_small(_join(path, "state.json")))
+        files = [_join(path, f["filename"]) for f in state["_data_files"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"unreadable state.json ({e})", path=path) from None
     yield from _arrow_rows(path, files, batch_size)
@@ -325,10 +423,21 @@ def _saved_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
 
 def _arrow_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
     """One `.arrow` file (Arrow IPC: datasets' cache and save_to_disk files, Feather v2), streamed by record batch."""
-    yield from _arrow_rows(path, [Path(path)], batch_size)
+    yield from _arrow_rows(path, [path], batch_size)
 
 
-def _arrow_rows(path: str, files: list[Path], batch_size: int) -> Iterator[RawBatch]:
+def _join(folder: str, name: str) -> str:
+    """A file in a folder or under a URL."""
+    return posixpath.join(folder, name) if is_url(folder) else os.path.join(folder, name)
+
+
+def _read_small(path: str) -> bytes:
+    """A small file's bytes (local or a URL)."""
+    with _open_raw(path) as f:
+        return f.read()
+
+
+def _arrow_rows(path: str, files: list[str], batch_size: int) -> Iterator[RawBatch]:
     """The rows of Arrow IPC files, in order, as RawBatches of `path` with 0-based row indices."""
     import pyarrow as pa
 
@@ -341,15 +450,17 @@ def _arrow_rows(path: str, files: list[Path], batch_size: int) -> Iterator[RawBa
                     yield RawBatch(path, list(range(start, start + len(rows))), rows, (number - 1) / len(files))
                     start += len(rows)
         except (pa.ArrowException, OSError) as e:
-            raise InputError(f"unreadable Arrow file {file.name} ({e})", path=path) from None
+            if is_url(path) and not isinstance(e, pa.ArrowException):
+                raise _read_failed(path, "", e) from None
+            raise InputError(f"unreadable Arrow file {posixpath.basename(file)} ({e})", path=path) from None
 
 
-def _ipc_record_batches(file: Path) -> Iterator[Any]:
+def _ipc_record_batches(file: str) -> Iterator[Any]:
     """The record batches of an Arrow IPC file, memory-mapped: the stream format (what datasets writes) or the
     file format (Feather v2, `pyarrow.ipc.new_file`), told apart by the file format's leading magic bytes."""
     import pyarrow as pa
 
-    with pa.memory_map(str(file)) as source:
+    with (pa.PythonFile(_open_raw(file), mode="r") if is_url(file) else pa.memory_map(file)) as source:
         if source.read(6) == b"ARROW1":
             reader = pa.ipc.open_file(source)
             for i in range(reader.num_record_batches):

@@ -22,6 +22,7 @@ from typing import Any
 
 from prep.errors import ConfigError, InputError, location_path
 from prep.read import expand_inputs
+from prep.remote import is_url
 from schemas.conversation import Conversation, Message, content_hash
 from schemas.recipe import Recipe
 
@@ -80,13 +81,14 @@ def _read_file(path: Path) -> Any:
 
 
 def _resolved(recipe: Recipe, path: Path) -> Recipe:
-    """The recipe with every source path made relative to the recipe file's folder, checked to exist."""
+    """The recipe with every source path made relative to the recipe file's folder, checked to exist (URLs are
+    kept as they are and checked when the run resolves them)."""
     base = path.parent
     sources = []
     for i, source in enumerate(recipe.sources):
-        paths = [p if os.path.isabs(p) else os.path.normpath(base / p) for p in source.paths]
+        paths = [p if os.path.isabs(p) or is_url(p) else os.path.normpath(base / p) for p in source.paths]
         try:
-            expand_inputs(paths)
+            expand_inputs([p for p in paths if not is_url(p)])
         except InputError as e:
             raise ConfigError(f"{path}: sources[{i}].path: {e}") from None
         sources.append(source.model_copy(update={"path": paths if isinstance(source.path, list) else paths[0]}))

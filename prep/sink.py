@@ -2,7 +2,9 @@
 
 Everything is written to a temporary file in the destination folder and moved into place with
 `os.replace` only when the writer's `with` block ends without an error, so a reader never sees a
-half-written file and a failed run leaves the previous output untouched.
+half-written file and a failed run leaves the previous output untouched. An output URL (`s3://...`) is
+written to a local temporary file and uploaded in one put at the same moment (prep.remote.staged_file):
+object stores publish an object whole, so readers see the old object or the new one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import pydantic_core
 
 from prep.errors import OutputExistsError
+from prep.remote import is_url
 from schemas.conversation import Conversation
 
 PARQUET_ROW_GROUP = 65_536
@@ -32,6 +35,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     >>> with atomic_path("out.txt") as tmp:  # doctest: +SKIP
     ...     tmp.write_text("done")
     """
+    if is_url(os.fspath(path)):
+        from prep.remote import staged_file
+
+        with staged_file(os.fspath(path)) as tmp:
+            yield tmp
+        return
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -53,14 +62,26 @@ def check_outputs(outputs: Sequence[str], inputs: Sequence[str], overwrite: bool
 
     >>> check_outputs(["new.jsonl"], ["in.jsonl"], overwrite=False)
     """
-    real_inputs = {os.path.realpath(p) for p in inputs}
+    real_inputs = {os.path.realpath(p) for p in inputs if not is_url(p)} | {p for p in inputs if is_url(p)}
     for out in outputs:
+        if is_url(out):
+            _check_url_output(out, real_inputs, overwrite)
+            continue
         if os.path.realpath(out) in real_inputs:
             raise OutputExistsError(f"{out}: output is also an input; choose another output path")
         if os.path.exists(out) and not overwrite:
             raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
         if os.path.isdir(out):
             raise OutputExistsError(f"{out}: is a folder; give a file path")
+
+
+def _check_url_output(url: str, inputs: set[str], overwrite: bool) -> None:
+    """check_outputs for an output URL: not an input; reachable, its bucket there, and new unless `overwrite`."""
+    from prep.remote import check_output_url, display
+
+    if display(url) in inputs:
+        raise OutputExistsError(f"{display(url)}: output is also an input; choose another output path")
+    check_output_url(url, overwrite=overwrite, folder=False)
 
 
 class JsonlSink:
@@ -73,7 +94,7 @@ class JsonlSink:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self.written = 0
-        self._atomic = atomic_path(self.path)
+        self._atomic = atomic_path(path)  # the path as given: a URL must not go through Path
 
     def __enter__(self) -> JsonlSink:
         self._file = open(self._atomic.__enter__(), "wb", buffering=1 << 20)
@@ -100,7 +121,7 @@ class ParquetSink:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self.written = 0
-        self._atomic = atomic_path(self.path)
+        self._atomic = atomic_path(path)  # the path as given: a URL must not go through Path
         self._rows: list[dict[str, Any]] = []
 
     def __enter__(self) -> ParquetSink:

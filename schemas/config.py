@@ -18,10 +18,12 @@ class ConvertConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    inputs: list[str] = Field(min_length=1, description="Input files, globs or save_to_disk folders.")
-    output: str = Field(description="Unified output: .parquet writes Parquet, anything else JSON Lines.")
+    inputs: list[str] = Field(min_length=1, description="Input files, globs, save_to_disk folders or URLs.")
+    output: str = Field(description="Unified output (a path or URL): .parquet writes Parquet, anything else JSON Lines.")
     format: FormatOption = Field("auto", description="Input format; 'auto' detects it per file.")
     rejects: str | None = Field(None, description="Rejects JSONL; default OUTPUT with .rejects.jsonl.")
     overwrite: bool = Field(False, description="Replace existing output files.")
     strict: bool = Field(False, description="Fail (exit 1) when any record is rejected.")
     dedup: bool = Field(False, description="Drop exact duplicate conversations (same messages).")
+    subset: str | None = Field(None, description="Config of hub dataset inputs (hf://datasets/...); None = default.")
+    split: str | None = Field(None, description="Split of hub dataset inputs (a+b joins); None = the only or train.")

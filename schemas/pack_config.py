@@ -21,8 +21,8 @@ class PackConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    inputs: list[str] = Field(min_length=1, description="input files, folders or globs (unified or raw)")
-    output: str = Field(description="output folder for the shards")
+    inputs: list[str] = Field(min_length=1, description="input files, folders, globs or URLs (unified or raw)")
+    output: str = Field(description="output folder (or s3://, gs://, az:// URL) for the shards")
     format: FormatOption = Field("auto", description="input format, or auto to detect per file")
     tokenizer: str | None = Field(None, description="local folder or hub id; None = embedded demo tokenizer")
     trust_remote_code: bool = Field(False, description="allow a hub tokenizer's own code to run")
@@ -31,6 +31,8 @@ class PackConfig(BaseModel):
     train_on: TrainOn = Field("completion", description="which tokens carry a loss")
     overflow: Overflow = Field("split", description="what to do with an example longer than max_len")
     pack: bool = Field(True, description="pack several examples per row (False: one per row, padded by the collator)")
+    pad_to_multiple_of: int = Field(1, ge=1, description="pad every example to a multiple of N tokens (context "
+                                    "parallelism: 2 x the CP size); 1 = no padding")
     seed: int = Field(0, description="seed of the row shuffle")
     shard_size: str = Field("256MB", description="target size of each shard file")
     add_special_tokens: bool = Field(False, description="register the template markers as special tokens")
@@ -44,9 +46,14 @@ class PackConfig(BaseModel):
     recipe: str | None = Field(None, description="recipe file (YAML/TOML): sources, weights, split, options")
     val_fraction: float | None = Field(None, ge=0, lt=1, description="share of every source held out for validation")
     val_size: int | None = Field(None, ge=0, description="conversations of every source held out for validation")
+    subset: str | None = Field(None, description="config of hub dataset inputs (hf://datasets/...); None = default")
+    split: str | None = Field(None, description="split of hub dataset inputs (a+b joins); None = the only or train")
 
     @model_validator(mode="after")
     def _one_split_policy(self) -> "PackConfig":
         if self.val_fraction is not None and self.val_size is not None:
             raise ValueError("--val-fraction and --val-size exclude each other: give one")
+        if self.max_len % self.pad_to_multiple_of:
+            raise ValueError(f"--max-len {self.max_len} is not a multiple of --pad-to-multiple-of "
+                             f"{self.pad_to_multiple_of}: a padded example could not fit in a row")
         return self

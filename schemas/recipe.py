@@ -20,7 +20,7 @@ class Source(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    path: str | list[str] = Field(description="file, folder or glob (or a list of them)")
+    path: str | list[str] = Field(description="file, folder, glob or URL (or a list of them)")
     format: FormatOption = Field("auto", description="input format, or auto to detect per file")
     weight: float = Field(1.0, description="fraction (< 1) to keep, or epochs (>= 1) to repeat")
     template: str | None = Field(None, description="template for this source only")
@@ -28,6 +28,8 @@ class Source(BaseModel):
     val_fraction: float | None = Field(None, description="share of this source held out for validation")
     val_size: int | None = Field(None, description="conversations of this source held out for validation")
     name: str | None = Field(None, description="label in the manifest (default: the path)")
+    subset: str | None = Field(None, description="config of a hub dataset path (hf://datasets/...)")
+    split: str | None = Field(None, description="split of a hub dataset path (a+b joins them)")
 
     @field_validator("weight")
     @classmethod

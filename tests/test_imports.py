@@ -1,5 +1,6 @@
 """prep.load, prep.train and prep.models work with only torch, transformers, pyarrow, numpy and rich:
-imported (and a 2-step training run done) in a subprocess where pydantic and datasets cannot be imported."""
+imported (and a 2-step training run done) in a subprocess where pydantic and datasets (and fsspec and the store
+packages) cannot be imported."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ BLOCKED = textwrap.dedent(
     import json, sys
     sys.modules["pydantic"] = None  # any `import pydantic` now raises ImportError
     sys.modules["datasets"] = None
+    for store in ("fsspec", "s3fs", "gcsfs", "adlfs"):  # needed only once a URL is used (prep.remote)
+        sys.modules[store] = None
     import prep
     import prep.load, prep.models, prep.train
     from prep.train import TrainConfig, train_model
