@@ -104,7 +104,12 @@ def joints_of(tokenizer: Any) -> Joints:
 
 
 def component_spec(component: Any) -> dict | None:
-    """The JSON spec of one tokenizer component (normalizer, pre-tokenizer, decoder), or None."""
+    """The JSON spec of one tokenizer component (normalizer, pre-tokenizer, decoder), or None.
+
+    >>> from prep.tokenizer import default_tokenizer
+    >>> component_spec(default_tokenizer().backend_tokenizer.decoder)["type"]
+    'ByteLevel'
+    """
     return None if component is None else json.loads(component.__getstate__())
 
 
@@ -213,6 +218,19 @@ def find_cut(whole: Whole, piece: Rendered, first: tuple[int, int], last: tuple[
 
     Returns:
         The Cut, or None when the piece must be tokenized on its own.
+
+    >>> from schemas import Message
+    >>> from prep.render import BUILTIN_TEMPLATES, render
+    >>> from prep.tokenizer import default_tokenizer
+    >>> tok = default_tokenizer()
+    >>> msgs = [Message(role=r, content=c) for r, c in [("system", "S"), ("user", "q1"), ("assistant", "a1"),
+    ...                                                   ("user", "q2"), ("assistant", "a2")]]
+    >>> whole = render(msgs, BUILTIN_TEMPLATES["chatml"])
+    >>> enc = tok.backend_tokenizer.encode(whole.text, add_special_tokens=False)
+    >>> piece = render([msgs[0], *msgs[3:]], BUILTIN_TEMPLATES["chatml"])   # the system prompt and the 2nd pair
+    >>> cut = find_cut(Whole(whole, enc, joints_of(tok)), piece, (1, 3), (2, 4))
+    >>> whole.text[: cut.head] + whole.text[cut.start : cut.stop] == piece.text
+    True
     """
     p_first, p_last = _span(piece, first[0]), _span(piece, last[0])
     t_first, t_last = whole.spans.get(first[1]), whole.spans.get(last[1])

@@ -227,7 +227,7 @@ def test_no_cut_without_a_joint_or_with_a_different_text():
     assert find_cut(Whole(whole, enc2, joints_of(gpt2)), piece, (1, 3), (4, 6)) is None
 
 
-@pytest.mark.parametrize("module", ["prep.slicing", "prep.overflow"])
+@pytest.mark.parametrize("module", ["prep.slicing", "prep.overflow", "prep.token_bytes"])
 def test_docstring_examples(module):
     import doctest
     import importlib
