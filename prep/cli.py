@@ -109,7 +109,9 @@ def pack(
     trust_remote_code: RemoteCodeOpt = False,
     dedup: Annotated[Optional[bool], typer.Option("--dedup/--no-dedup", help="Drop exact duplicate conversations.",
                                                   show_default="no")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Conversations per tokenizer call.")] = 2048,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Conversations per tokenizer call, at most.")] = 2048,
+    batch_bytes: Annotated[Optional[str], typer.Option(
+        "--batch-bytes", help="Message text per tokenizer call, at most (bounds memory); default 1MiB.")] = None,
     workers: Annotated[int, typer.Option(help="Encoding processes; 0 = one per CPU (at most 8) for inputs >= 64 MiB, "
                                               "else 1. "
                                               "The output is the same for any number.")] = 0,

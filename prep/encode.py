@@ -33,7 +33,7 @@ import gc
 import itertools
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +42,10 @@ import numpy as np
 import pyarrow as pa
 
 from prep.errors import ConfigError
+from prep.overflow import Piece, Splitter, TooLong, token_range
 from prep.render import Rendered, RenderFailure, Template, render_batch, special_token_regex, special_token_strings
+from prep.slicing import Joints, SlicedEncoding, Whole, find_cut, joints_of, tail_fits
+from prep.token_bytes import ByteTable
 from prep.tokenizer import adds_bos
 from schemas.conversation import Conversation, Message
 from schemas.reject import ErrorDetail, Reject
@@ -50,6 +53,7 @@ from schemas.reject import ErrorDetail, Reject
 TRAIN_ON = ("completion", "last", "all")
 OVERFLOW = ("split", "truncate", "drop")
 IGNORE_INDEX = -100
+_UNSET = object()
 ENCODED_SCHEMA = pa.schema(
     [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("example_id", pa.string())]
 )
@@ -65,6 +69,8 @@ COUNT_KEYS = (
     "rejected",
     "template_dropped_message",
     "template_dropped_reasoning",
+    "pieces_sliced",
+    "pieces_tokenized",
 )
 
 
@@ -79,7 +85,9 @@ class EncodeResult:
             made by splitting), split_conversations, truncated, dropped (too long under the overflow
             policy), rejected (failed a check), template_dropped_message (messages a chat template did
             not render), template_dropped_reasoning (replies whose folded reasoning a chat template left
-            out). Invariant: conversations + split == examples + dropped + rejected.
+            out), pieces_sliced / pieces_tokenized (split pieces, at every round of refinement, whose ids
+            were cut from the whole conversation's by prep.slicing / tokenized on their own).
+            Invariant: conversations + split == examples + dropped + rejected.
         rejected: rejected examples by reason (drops are `counts["dropped"]`, reason `too_long`).
         rejects: one Reject (stage "pack") per dropped or rejected example.
     """
@@ -101,7 +109,7 @@ class _Item:
     piece: int = 0  # order among the pieces of its conversation (index of its first new turn pair)
     truncated: bool = False
     rendered: Rendered | None = None
-    enc: Any = None  # tokenizers.Encoding
+    enc: Any = None  # tokenizers.Encoding, or a SlicedEncoding for a split piece
 
 
 @dataclass
@@ -115,6 +123,26 @@ class _Outcome:
     field: str = ""
     message: str = ""
     truncated: bool = False
+
+
+@dataclass
+class _Job:
+    """A batch between rendering and building: its conversations, the rendered items waiting for their
+    encodings, and the outcomes so far (markers found, render failures)."""
+
+    conversations: Sequence[Conversation]
+    items: list[_Item]
+    outcomes: list[_Outcome]
+
+
+@dataclass
+class _Overlong:
+    """An over-long conversation being split: its item, its splitter, and (when slicing is on) the whole
+    conversation that pieces are cut from."""
+
+    item: _Item
+    splitter: Splitter
+    whole: Whole | None
 
 
 @dataclass
@@ -161,9 +189,11 @@ class Encoder:
         train_on: "completion" (every assistant turn with its end marker), "last" (the final one),
             "all" (every token).
         max_len: the longest example, in tokens.
-        overflow: what to do with a longer one: "split" (at turn boundaries, see `_Splitter`),
+        overflow: what to do with a longer one: "split" (at turn boundaries, see prep.overflow),
             "truncate" (keep the first max_len tokens) or "drop".
         verify: check every example (leave on; off only to measure its cost).
+        slicing: take a split piece's ids from the whole conversation's where prep.slicing proves that
+            exact (the same ids and labels as tokenizing the piece); False tokenizes every piece again.
 
     Raises:
         ConfigError: an unknown policy, a bad max_len, or a template that needs an EOS the tokenizer lacks.
@@ -183,6 +213,7 @@ class Encoder:
         max_len: int = 2048,
         overflow: str = "split",
         verify: bool = True,
+        slicing: bool = True,
     ):
         _check_choice("--train-on", train_on, TRAIN_ON)
         _check_choice("--overflow", overflow, OVERFLOW)
@@ -201,6 +232,8 @@ class Encoder:
         self._bos_text = tokenizer.bos_token if (self._bos_id is not None and not template.uses_chat_template) else ""
         self._end_ids: dict[str, int] = {}
         self._normalizer = self._backend.normalizer
+        self._joints = joints_of(tokenizer) if slicing else Joints(reason="slicing is off")
+        self._byte_table: Any = _UNSET  # built at the first check (prep.token_bytes)
 
     # ----------------------------------------------------------------------------------------------
     # Public
@@ -209,34 +242,81 @@ class Encoder:
         """Encode a batch of conversations (deterministic: the same input gives an identical table).
 
         Args:
-            conversations: the batch (about 1k–8k conversations makes good use of the tokenizer).
+            conversations: the batch (`prep pack` sends up to --batch-size conversations and --batch-bytes of text).
 
         Returns:
             EncodeResult(table, counts, rejected, rejects).
         """
         with _gc_paused():
-            return self._encode(conversations)
+            job = self._prepare(conversations)
+            return self._finish(job, self._tokenize(job))
 
-    def _encode(self, conversations: Sequence[Conversation]) -> EncodeResult:
-        """`encode` without the GC pause: check, render + tokenize, build, then handle overflow."""
+    def encode_stream(self, batches: Iterable[Sequence[Conversation]]) -> Iterator[EncodeResult]:
+        """`encode` of every batch, in order, with tokenizing overlapped: each batch is tokenized in a
+        background thread (the tokenizer releases the GIL) while the previous batch is finished (labels,
+        checks, splitting), the caller takes its result, and the next batch is read and rendered. The
+        results are the same as `encode`'s; at most three batches are in memory at once.
+
+        >>> from prep.tokenizer import default_tokenizer
+        >>> from prep.render import BUILTIN_TEMPLATES
+        >>> from schemas import Conversation, Message
+        >>> convs = [Conversation(id=str(i), messages=[Message(role="user", content="Hi"),
+        ...                                            Message(role="assistant", content="Yo" * i)]) for i in (1, 2)]
+        >>> encoder = Encoder(default_tokenizer(), BUILTIN_TEMPLATES["chatml"])
+        >>> [r.counts["tokens"] for r in encoder.encode_stream([convs[:1], convs[1:]])]  # byte-level: 1 token a byte
+        [24, 26]
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="prep-tokenize") as pool:
+            waiting = None
+            for conversations in batches:
+                with _gc_paused():
+                    job = self._prepare(conversations)
+                tokenizing = pool.submit(self._tokenize, job)
+                if waiting is not None:
+                    yield self._finished(*waiting)
+                waiting = (job, tokenizing)
+            if waiting is not None:
+                yield self._finished(*waiting)
+
+    def _finished(self, job: _Job, tokenizing: Any) -> EncodeResult:
+        """The result of a job once its tokenizing (a Future) is done."""
+        encodings = tokenizing.result()
+        with _gc_paused():
+            return self._finish(job, encodings)
+
+    def _prepare(self, conversations: Sequence[Conversation]) -> _Job:
+        """Check for markers and render: a job waiting for its encodings."""
         outcomes: list[_Outcome] = []
-        built = _Built()
+        items = self._render(self._accept_markers(conversations, outcomes), outcomes)
+        return _Job(conversations, items, outcomes)
+
+    def _tokenize(self, job: _Job) -> list[Any]:
+        """The encodings of a job's rendered texts: one batched call of the Rust tokenizer (thread-safe)."""
+        return self._backend.encode_batch([it.rendered.text for it in job.items], add_special_tokens=False)
+
+    def _finish(self, job: _Job, encodings: list[Any]) -> EncodeResult:
+        """Build what fits, handle what overflows (truncate, drop or split), and assemble the result."""
+        outcomes, built = job.outcomes, _Built()
         counts = Counter(dict.fromkeys(COUNT_KEYS, 0))
-        counts["conversations"] = len(conversations)
-        items = self._accept_markers(conversations, outcomes)
-        fitting, overflowing = self._render_and_tokenize(items, outcomes)
-        splitters = []
+        counts["conversations"] = len(job.conversations)
+        fitting, overflowing = [], []
+        for item, enc in zip(job.items, encodings):
+            item.enc = enc
+            (fitting if len(enc) <= self.max_len else overflowing).append(item)
+        overlong = []
         for item in overflowing:
             if self.overflow == "truncate":
                 item.truncated = True
                 fitting.append(item)
             elif self.overflow == "drop":
-                outcomes.append(_too_long(item, len(item.enc), self.max_len))
+                outcomes.append(self._too_long(item, TooLong(len(item.enc))))
             else:
-                splitters.append(_Splitter(item, self))
+                overlong.append(self._overlong(item))
         self._build(fitting, built, outcomes, counts)
-        self._split(splitters, built, outcomes, counts)
-        return self._result(conversations, outcomes, built, counts)
+        self._split(overlong, built, outcomes, counts)
+        return self._result(job.conversations, outcomes, built, counts)
 
     def _accept_markers(self, conversations: Sequence[Conversation], outcomes: list[_Outcome]) -> list[_Item]:
         """Items for the conversations whose content holds no marker; `marker_in_content` for the rest."""
@@ -266,8 +346,8 @@ class Encoder:
     # ----------------------------------------------------------------------------------------------
     # Render + tokenize (one batched tokenizer call)
 
-    def _render_and_tokenize(self, items: list[_Item], outcomes: list[_Outcome]) -> tuple[list[_Item], list[_Item]]:
-        """Render and tokenize `items`; return (fitting, over max_len); failures go to `outcomes`."""
+    def _render(self, items: list[_Item], outcomes: list[_Outcome]) -> list[_Item]:
+        """Render `items` in one call; return those rendered (`item.rendered` set); failures go to `outcomes`."""
         rendered = render_batch(
             [it.messages for it in items],
             self.template,
@@ -287,12 +367,7 @@ class Encoder:
                 continue
             item.rendered = out
             ready.append(item)
-        encodings = self._backend.encode_batch([it.rendered.text for it in ready], add_special_tokens=False)
-        fitting, overflowing = [], []
-        for item, enc in zip(ready, encodings):
-            item.enc = enc
-            (fitting if len(enc) <= self.max_len else overflowing).append(item)
-        return fitting, overflowing
+        return ready
 
     def _check_dropped(self, item: _Item, rendered: Rendered) -> _Outcome | None:
         """Reject an example whose chat template did not render one of its trained replies.
@@ -324,9 +399,12 @@ class Encoder:
         trained[starts[:-1]] = False  # the first label of every example
         failures = self._verify(id_lists, flat_ids, trained, starts, checks) if self.verify else {}
         keep = self._record(items, failures, np.add.reduceat(trained.astype(np.int64), starts[:-1]), built, outcomes)
-        token_keep = np.repeat(keep, lengths)
-        built.ids.append(flat_ids[token_keep])
-        built.labels.append(np.where(trained, flat_ids, np.int32(IGNORE_INDEX)).astype(np.int32)[token_keep])
+        labels = np.where(trained, flat_ids, np.int32(IGNORE_INDEX)).astype(np.int32, copy=False)
+        if not keep.all():
+            token_keep = np.repeat(keep, lengths)
+            flat_ids, labels = flat_ids[token_keep], labels[token_keep]
+        built.ids.append(flat_ids)
+        built.labels.append(labels)
         built.lengths.append(lengths[keep])
 
     def _record(
@@ -353,13 +431,13 @@ class Encoder:
         """
         text, enc, spans = item.rendered.text, item.enc, item.rendered.spans
         for a, b in self._trained_regions(item):
-            t0, t1 = _token_range(enc, a, b, len(text))
+            t0, t1 = token_range(enc, a, b, len(text))
             if t0 < min(t1, length):
                 ranges.append((k, t0, min(t1, length)))
         for span in spans:
             if not item.flags[span.message] or span.stop <= span.start:
                 continue
-            t0, t1 = _token_range(enc, span.start, span.stop, len(text))
+            t0, t1 = token_range(enc, span.start, span.stop, len(text))
             if t1 > length:
                 continue  # cut off by truncation: nothing to check
             is_reply = item.messages[span.message].role == "assistant"
@@ -415,8 +493,7 @@ class Encoder:
         span_ok = (csum[g1] - csum[g0]) == (g1 - g0)
         end_ok = (end_id < 0) | (flat_ids[np.maximum(g1 - 1, 0)] == end_id)
         end_missing = np.array(is_reply) & (end_id < 0) & self.template.uses_chat_template
-        slices = [id_lists[e][a:b] for e, a, b in zip(example.tolist(), t0, t1)]
-        decoded = self._backend.decode_batch(slices, skip_special_tokens=False)
+        decodes = self._decode_check(id_lists, flat_ids, starts, example, t0, t1, expected)
         for c, k in enumerate(example.tolist()):
             if k in failures:
                 continue
@@ -427,7 +504,7 @@ class Encoder:
                 failures[k] = ("no_end_of_turn_token", where, "no special token ends this assistant turn")
             elif not end_ok[c]:
                 failures[k] = ("end_token_mismatch", where, "the last trained token is not the end-of-turn token")
-            elif not self._decodes_to(expected[c], decoded[c]):
+            elif not decodes[c]:
                 failures[k] = ("decode_mismatch", where, "the trained tokens do not decode to the content + end marker")
         return failures
 
@@ -442,6 +519,27 @@ class Encoder:
             for k in np.flatnonzero((bos_counts != 1) | ~first_ok)
         }
 
+    def _decode_check(self, id_lists: list[list[int]], flat_ids: np.ndarray, starts: np.ndarray, example: np.ndarray,
+                      t0: list[int], t1: list[int], expected: list[str]) -> list[bool]:
+        """Per check: its tokens [t0, t1) decode to text that holds `expected`. By table lookup over the whole
+        batch where the tokenizer is byte-level (prep.token_bytes), else with `decode_batch`."""
+        if self._byte_table is _UNSET:
+            self._byte_table = ByteTable.of(self.tokenizer)
+        if self._byte_table is None:
+            slices = [id_lists[e][a:b] for e, a, b in zip(example.tolist(), t0, t1)]
+            decoded = self._backend.decode_batch(slices, skip_special_tokens=False)
+            return [self._decodes_to(e, d) for e, d in zip(expected, decoded)]
+        buffer, offsets = self._byte_table.decode_ranges(flat_ids, starts[example] + t0, starts[example] + t1)
+        bounds = offsets.tolist()
+        return [self._bytes_hold(buffer, text, bounds[c], bounds[c + 1]) for c, text in enumerate(expected)]
+
+    def _bytes_hold(self, buffer: bytes, expected: str, start: int, end: int) -> bool:
+        """`expected` is in buffer[start:end] (UTF-8), as is or as the tokenizer's normalizer sees it."""
+        if buffer.find(expected.encode(), start, end) >= 0:
+            return True
+        return self._normalizer is not None and buffer.find(self._normalizer.normalize_str(expected).encode(),
+                                                            start, end) >= 0
+
     def _decodes_to(self, expected: str, decoded: str) -> bool:
         """`expected` (content + end marker) is in `decoded`, as the tokenizer's normalizer (e.g. NFC) sees it.
 
@@ -455,26 +553,78 @@ class Encoder:
     # ----------------------------------------------------------------------------------------------
     # Overflow: split at turn boundaries
 
-    def _split(self, splitters: list[_Splitter], built: _Built, outcomes: list[_Outcome], counts: Counter) -> None:
-        """Refine the pieces of every over-long conversation in rounds, one tokenizer call per round."""
-        pending = [(s, p) for s in splitters for p in s.plan()]
-        for s in splitters:
-            if not s.has_trained_turn():
-                outcomes.append(_Outcome(s.item.conv_index, 0, -1, "no_trained_tokens", "messages", "no trained turn"))
+    def _overlong(self, item: _Item) -> _Overlong:
+        """An over-long conversation, ready to be split."""
+        splitter = Splitter(item.messages, item.flags, item.rendered, item.enc, self.max_len, self._marker_re)
+        whole = Whole(item.rendered, item.enc, self._joints) if self._joints.tokens else None
+        return _Overlong(item, splitter, whole)
+
+    def _split(self, overlong: list[_Overlong], built: _Built, outcomes: list[_Outcome], counts: Counter) -> None:
+        """Refine the pieces of every over-long conversation in rounds: one render and at most two tokenizer
+        calls per round, for the pieces (and piece tails) that cannot be cut from their conversation's ids."""
+        pending = [(o, p) for o in overlong for p in o.splitter.plan()]
+        for o in overlong:
+            if not o.splitter.has_trained_turn():
+                outcomes.append(_Outcome(o.item.conv_index, 0, -1, "no_trained_tokens", "messages", "no trained turn"))
         while pending:
-            items = [s.piece_item(p) for s, p in pending]
-            fitting, overflowing = self._render_and_tokenize(items, outcomes)
-            over = {id(it) for it in overflowing}
-            next_pending = []
-            for (s, p), item in zip(pending, items):
-                if id(item) in over:
-                    refined = s.refine(p, item)
-                    if isinstance(refined, _Outcome):
-                        outcomes.append(refined)
-                    else:
-                        next_pending += [(s, q) for q in refined]
+            items = [self._piece_item(o, p) for o, p in pending]
+            rendered = {id(it) for it in self._render(items, outcomes)}
+            ready = [(o, p, it) for (o, p), it in zip(pending, items) if id(it) in rendered]
+            sliced = self._encode_pieces(ready)
+            counts["pieces_sliced"] += sliced
+            counts["pieces_tokenized"] += len(ready) - sliced
+            fitting, pending = [], []
+            for o, p, item in ready:
+                if len(item.enc) <= self.max_len:
+                    fitting.append(item)
+                    continue
+                refined = o.splitter.refine(p, item.rendered, item.enc)
+                if isinstance(refined, TooLong):
+                    outcomes.append(self._too_long(item, refined))
+                else:
+                    pending += [(o, q) for q in refined]
             self._build(fitting, built, outcomes, counts)
-            pending = next_pending
+
+    def _piece_item(self, o: _Overlong, piece: Piece) -> _Item:
+        """A piece as an item: its messages with explicit train flags (context False, new turns as trained)."""
+        messages = o.splitter.piece_messages(piece)
+        flags = [bool(m.train) for m in messages]
+        return _Item(o.item.conv_index, o.item.conv, messages, flags, piece.new, piece.user_content is not None)
+
+    def _encode_pieces(self, ready: list[tuple[_Overlong, Piece, _Item]]) -> int:
+        """Set every rendered piece's encoding: cut from its conversation's where provably exact, else tokenized.
+        Returns how many were cut."""
+        cuts, tails, again = [], [], []
+        for o, p, item in ready:
+            cut = None
+            if o.whole is not None and p.user_content is None:
+                last = len(item.messages) - 1
+                first = 0 if o.splitter.system is None else 1
+                cut = find_cut(o.whole, item.rendered, (first, o.splitter.whole_index(p, first)),
+                               (last, o.splitter.whole_index(p, last)))
+            if cut is None:
+                again.append(item)
+            elif cut.tail < len(item.rendered.text):
+                tails.append((o, cut, item))
+            else:
+                cuts.append((o, cut, item))
+        tail_encodings = self._backend.encode_batch([it.rendered.text[c.tail :] for _, c, it in tails],
+                                                    add_special_tokens=False) if tails else []
+        for (o, cut, item), tail in zip(tails, tail_encodings):
+            if tail_fits(tail, cut.tail_joint, self._joints):
+                item.enc = SlicedEncoding(o.whole, cut, tail)
+            else:
+                again.append(item)
+        for o, cut, item in cuts:
+            item.enc = SlicedEncoding(o.whole, cut)
+        for item, enc in zip(again, self._backend.encode_batch([it.rendered.text for it in again],
+                                                               add_special_tokens=False)):
+            item.enc = enc
+        return len(ready) - len(again)
+
+    def _too_long(self, item: _Item, too_long: TooLong) -> _Outcome:
+        """The outcome of an example dropped for length."""
+        return _Outcome(item.conv_index, item.piece, -1, "too_long", "messages", too_long.message(self.max_len))
 
     # ----------------------------------------------------------------------------------------------
     # Assembly
@@ -516,146 +666,6 @@ class Encoder:
         return EncodeResult(table, dict(counts), dict(sorted(rejected.items())), rejects)
 
 
-class _Piece:
-    """A piece of a split conversation, in turn pairs: context `[ctx, new)` (masked), new `[new, end)`.
-
-    `user_content` replaces the first new user message when that one had to be truncated.
-    """
-
-    __slots__ = ("ctx", "new", "end", "user_content", "slack")
-
-    def __init__(self, ctx: int, new: int, end: int):
-        self.ctx, self.new, self.end = ctx, new, end
-        self.user_content: str | None = None
-        self.slack = 0
-
-
-class _Splitter:
-    """Cuts one over-long conversation at turn boundaries into pieces that each end with an assistant turn.
-
-    Each piece starts with the system prompt and as much of the preceding conversation as fits (as
-    masked context: train=False), then new turns, so every trained turn is trained in exactly one
-    piece. Pieces are planned from the token counts of the whole conversation, then re-rendered and
-    re-tokenized (exact); a piece still too long drops one more context pair, then gives up new pairs
-    (they move to a piece of their own). A single pair that cannot fit alone is truncated on the prompt
-    side: the middle of the user content is cut (its start, usually the instruction, and its end,
-    closest to the reply, are kept; the system prompt and role markers stay), when the reply fits;
-    otherwise the piece is dropped (too_long).
-    """
-
-    def __init__(self, item: _Item, encoder: Encoder):
-        self.item, self.encoder, self.max_len = item, encoder, encoder.max_len
-        messages, flags = item.messages, item.flags
-        self.system = messages[0] if messages[0].role == "system" else None
-        first = 1 if self.system is not None else 0
-        self.pairs = [(i, i + 1) for i in range(first, len(messages) - 1, 2)]
-        self.needed = [flags[u] or flags[a] for u, a in self.pairs]
-        self._estimate_costs()
-
-    def has_trained_turn(self) -> bool:
-        """Some pair holds a trained message."""
-        return any(self.needed)
-
-    def _estimate_costs(self) -> None:
-        """Tokens per turn pair, the head (BOS, system prompt) and the tail, from the whole encoding."""
-        enc, rendered = self.item.enc, self.item.rendered
-        text_len = len(rendered.text)
-        stops = {s.message: _tokens_before(enc, s.stop, text_len) for s in rendered.spans}
-        first_start = rendered.spans[0].start if rendered.spans else 0
-        head = _tokens_before(enc, first_start, text_len)
-        if self.system is not None:
-            head = stops.get(0, head)
-        bound = head
-        self.costs = []
-        for u, a in self.pairs:
-            end = stops.get(a, stops.get(u, bound))
-            self.costs.append(max(end - bound, 0))
-            bound = max(bound, end)
-        self.head, self.tail = head, max(len(enc) - bound, 0)
-        self.cum = np.concatenate(([0], np.cumsum(self.costs)))
-
-    def _estimate(self, ctx: int, end: int) -> int:
-        """Estimated tokens of a piece holding pairs [ctx, end)."""
-        return int(self.head + self.cum[end] - self.cum[ctx] + self.tail)
-
-    def plan(self) -> list[_Piece]:
-        """Greedy pieces: new pairs while they fit alone, then as much context as fits before them."""
-        pieces = []
-        j = self._next_needed(0)
-        while j is not None:
-            k = j + 1
-            while k < len(self.pairs) and self._estimate(j, k + 1) <= self.max_len:
-                k += 1
-            k = self._last_needed(j, k)
-            pieces.append(_Piece(self._context_start(j, k), j, k))
-            j = self._next_needed(k)
-        return pieces
-
-    def _next_needed(self, start: int) -> int | None:
-        """First pair at or after `start` holding a trained message."""
-        return next((p for p in range(start, len(self.pairs)) if self.needed[p]), None)
-
-    def _last_needed(self, start: int, end: int) -> int:
-        """End (exclusive) of the new pairs [start, end) trimmed back to the last trained pair."""
-        while end - 1 > start and not self.needed[end - 1]:
-            end -= 1
-        return end
-
-    def _context_start(self, new: int, end: int) -> int:
-        """The first context pair: as many pairs before `new` as fit with [new, end)."""
-        ctx = new
-        while ctx > 0 and self._estimate(ctx - 1, end) <= self.max_len:
-            ctx -= 1
-        return ctx
-
-    def piece_item(self, piece: _Piece) -> _Item:
-        """The piece as an item: explicit train flags (context False, new turns as in the conversation)."""
-        item, messages, flags = self.item, self.item.messages, self.item.flags
-        out = []
-        if self.system is not None:
-            out.append(_message(self.system, self.system.content, flags[0] and piece.new == 0))
-        for p in range(piece.ctx, piece.end):
-            for i in self.pairs[p]:
-                content = messages[i].content
-                if piece.user_content is not None and p == piece.new and messages[i].role == "user":
-                    content = piece.user_content
-                out.append(_message(messages[i], content, flags[i] and p >= piece.new))
-        piece_flags = [bool(m.train) for m in out]
-        return _Item(item.conv_index, item.conv, out, piece_flags, piece.new, piece.user_content is not None)
-
-    def refine(self, piece: _Piece, item: _Item) -> list[_Piece] | _Outcome:
-        """Next candidates for a piece that came out too long, or its final outcome (too_long)."""
-        if piece.ctx < piece.new:
-            piece.ctx += 1
-            return [piece]
-        if piece.end - piece.new > 1:
-            last = piece.end - 1
-            head = _Piece(piece.new, piece.new, self._last_needed(piece.new, last))
-            tail = _Piece(self._context_start(last, piece.end), last, piece.end)
-            return [head, tail] if any(self.needed[piece.new : last]) else [tail]
-        return self._truncate_prompt(piece, item)
-
-    def _truncate_prompt(self, piece: _Piece, item: _Item) -> list[_Piece] | _Outcome:
-        """Cut the middle of the piece's user content so the piece fits, or give up (too_long)."""
-        n = len(item.enc)
-        user = next((i for i, m in enumerate(item.messages) if m.role == "user"), None)
-        span = next((s for s in item.rendered.spans if s.message == user), None)
-        if user is None or span is None or span.end == span.start:
-            return _too_long(item, n, self.max_len)
-        u0, u1 = _token_range(item.enc, span.start, span.end, len(item.rendered.text))
-        if n - (u1 - u0) > self.max_len:
-            return _too_long(item, n, self.max_len, without_prompt=n - (u1 - u0))
-        keep = (u1 - u0) - (n - self.max_len) - piece.slack
-        piece.slack = piece.slack * 2 + 2  # grows, so that every retry cuts more
-        piece.user_content = ""
-        if keep > 0:
-            head_tokens = keep // 2
-            head_end = item.enc.token_to_chars(u0 + head_tokens)[0] - span.start
-            tail_start = item.enc.token_to_chars(u1 - (keep - head_tokens))[0] - span.start
-            piece.user_content = _cut_middle(item.messages[user].content, head_end, tail_start, self.encoder._marker_re)
-        return [piece]
-
-
 # --------------------------------------------------------------------------------------------------
 # Helpers
 
@@ -664,62 +674,6 @@ def _check_choice(flag: str, value: str, valid: tuple[str, ...]) -> None:
     """ConfigError listing the valid values when `value` is not one of them."""
     if value not in valid:
         raise ConfigError(f"{flag} {value!r}: expected one of {', '.join(valid)}")
-
-
-def _message(message: Message, content: str, train: bool) -> Message:
-    """A copy of `message` with new content and an explicit train flag (no re-validation)."""
-    return Message.model_construct(role=message.role, content=content, train=train)
-
-
-def _cut_middle(content: str, head_end: int, tail_start: int, marker_re: re.Pattern[str] | None) -> str:
-    """content[:head_end] + content[tail_start:], cutting more of the head if the join would form a marker.
-
-    >>> _cut_middle("abcdefgh", 3, 6, None)
-    'abcgh'
-    """
-    head_end = min(max(head_end, 0), len(content))
-    tail_start = min(max(tail_start, head_end), len(content))
-    while head_end > 0 and marker_re is not None and marker_re.search(content[:head_end] + content[tail_start:]):
-        head_end -= 1
-    return content[:head_end] + content[tail_start:]
-
-
-def _too_long(item: _Item, n: int, max_len: int, without_prompt: int | None = None) -> _Outcome:
-    """The outcome of an example dropped for length."""
-    msg = f"{n} tokens > max_len {max_len}"
-    if without_prompt is not None:
-        msg += f"; even with the prompt cut the reply needs {without_prompt}"
-    return _Outcome(item.conv_index, item.piece, -1, "too_long", "messages", msg + " (raise --max-len)")
-
-
-def _token_range(enc: Any, a: int, b: int, text_len: int) -> tuple[int, int]:
-    """Tokens overlapping characters [a, b): (first, end), by O(1) lookups (offsets only if needed).
-
-    A token overlaps [a, b) iff start < b and end > a (the straddling rule). The first such token is
-    the first one holding character a; the end is just past the last token starting before b.
-    """
-    t0 = enc.char_to_token(a) if a < text_len else len(enc)
-    if b >= text_len:
-        t1 = len(enc)
-    else:
-        k = enc.char_to_token(b)
-        t1 = None if k is None else (k + 1 if enc.token_to_chars(k)[0] < b else k)
-    if t0 is None or t1 is None:
-        return _token_range_from_offsets(enc, a, b)
-    return t0, t1
-
-
-def _token_range_from_offsets(enc: Any, a: int, b: int) -> tuple[int, int]:
-    """`_token_range` for characters that no token holds (e.g. removed by a normalizer)."""
-    offsets = np.array(enc.offsets, dtype=np.int64).reshape(-1, 2)
-    t0 = int(np.searchsorted(offsets[:, 1], a, side="right"))
-    t1 = int(np.searchsorted(offsets[:, 0], b, side="left"))
-    return t0, max(t0, t1)
-
-
-def _tokens_before(enc: Any, pos: int, text_len: int) -> int:
-    """Number of tokens that start before character `pos`."""
-    return _token_range(enc, 0, pos, text_len)[1] if pos > 0 else 0
 
 
 def _cover(ranges: list[tuple[int, int, int]], starts: np.ndarray) -> np.ndarray:

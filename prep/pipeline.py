@@ -44,7 +44,7 @@ from prep.tokenizer import (
     save_tokenizer,
     tokenizer_fingerprint,
 )
-from prep.write import check_output, sha256_file, staging_dir, write_json, write_shards
+from prep.write import check_output, parse_size, sha256_file, staging_dir, write_json, write_shards
 from schemas.conversation import Conversation, content_hash
 from schemas.pack_config import PackConfig
 from schemas.recipe import Source
@@ -53,8 +53,8 @@ from schemas.reject import Reject
 REJECTS_FILE = "rejects.jsonl"
 # Options that change the shards' bytes; output/overwrite/strict do not.
 # subset/split are left out as well: the data files they choose are among the inputs.
-_FINGERPRINT_EXCLUDE = {"inputs", "output", "overwrite", "strict", "batch_size", "workers", "recipe", "subset",
-                        "split"}
+_FINGERPRINT_EXCLUDE = {"inputs", "output", "overwrite", "strict", "batch_size", "batch_bytes", "workers", "recipe",
+                        "subset", "split"}
 SPLITS = ("train", "validation")
 SPLITS_FORMAT = "prep-shards-splits"  # the top-level manifest of a folder holding train/ and validation/
 
@@ -162,6 +162,7 @@ def pack_shards(config: PackConfig, progress: bool = False) -> PackReport:
 
 def _prepare(config: PackConfig) -> _Run:
     """Load the sources, tokenizer and templates, describe the inputs and fingerprint the run."""
+    parse_size(config.batch_bytes, "--batch-bytes")  # a bad size fails before anything is read
     sources = [_pinned(s, config) for s in mixture_sources(config)]
     paths = [p for source in sources for p in expand_inputs(source.paths)]
     tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
@@ -234,10 +235,16 @@ def _is_trivial(run: _Run) -> bool:
 
 def _encode_sources(run: _Run, report: PackReport, stores: dict[str, ExampleStore], rejects_path: Path,
                     progress: bool) -> None:
-    """Stream every source through dedup, split and weighting into the encoder and the split's store."""
+    """Stream every source through dedup, split and weighting into the encoder and the split's store.
+
+    The rejects file holds every convert-stage reject, then every pack-stage one (each in input order): written
+    as two streams and joined at the end, so that it does not depend on how the conversations were batched.
+    """
     config = run.config
     earlier: set[str] | None = set() if len(run.sources) > 1 else None
-    with open(rejects_path, "wb") as rejects, _progress(progress) as bar, _Encoders(run, _workers(run)) as encoders:
+    pack_rejects_path = rejects_path.with_name(rejects_path.name + ".pack")
+    with (open(rejects_path, "wb") as rejects, open(pack_rejects_path, "w+b") as pack_rejects,
+          _progress(progress) as bar, _Encoders(run, _workers(run)) as encoders):
         for source in run.sources:
             template = run.template_of(source)
             group = list(run.templates).index(template)
@@ -246,7 +253,7 @@ def _encode_sources(run: _Run, report: PackReport, stores: dict[str, ExampleStor
             for split, convert_rejects, result in encoders.encode(template, batches):
                 _write_rejects(rejects, convert_rejects)
                 stores[split].append(result.table, group=group)
-                _write_rejects(rejects, result.rejects)
+                _write_rejects(pack_rejects, result.rejects)
                 for counts, rejected in ((report.counts, report.rejected),
                                          (report.split_counts[split], report.split_rejected[split])):
                     counts.update(result.counts)
@@ -255,6 +262,9 @@ def _encode_sources(run: _Run, report: PackReport, stores: dict[str, ExampleStor
             report.sources.append(tally.to_dict())
             if earlier is not None:
                 earlier |= tally.hashes
+        pack_rejects.seek(0)
+        shutil.copyfileobj(pack_rejects, rejects)
+    pack_rejects_path.unlink()
 
 
 # Inputs smaller than this are encoded in-process: starting workers (each imports transformers) costs seconds.
@@ -324,13 +334,19 @@ class _Encoders:
     def encode(self, template: str, batches: Iterable[tuple[str, list[Conversation], list[Reject]]]
                ) -> Iterator[tuple[str, list[Reject], EncodeResult]]:
         """(split, convert rejects, EncodeResult) for each batch, in order."""
-        if self.pool is None:
-            for split, conversations, rejects in batches:
-                yield split, rejects, self.local[template].encode(conversations)
-            return
         from collections import deque
 
         pending: deque = deque()
+        if self.pool is None:  # in-process: tokenizing overlaps the rest (Encoder.encode_stream)
+            def conversations() -> Iterator[list[Conversation]]:
+                for split, batch, rejects in batches:
+                    pending.append((split, rejects))
+                    yield batch
+
+            for result in self.local[template].encode_stream(conversations()):
+                yield *pending.popleft(), result
+            return
+
         for split, conversations, rejects in batches:
             pending.append((split, rejects, self.pool.submit(_encode_in_worker, template, conversations)))
             if len(pending) >= 2 * self.workers:  # bounded memory: a few batches in flight
@@ -404,7 +420,7 @@ class _SourceTally:
     def _stream(self, config: PackConfig, report: Report) -> Iterator[tuple[list[Conversation], list[Reject]]]:
         """The source's conversations and rejects in batches, counted in `report`."""
         conversations = iter_conversations(self.source.paths, self.source.format, dedup=config.dedup, report=report)
-        return _batched(conversations, config.batch_size)
+        return _batched(conversations, config.batch_size, parse_size(config.batch_bytes, "--batch-bytes"))
 
     def _unseen(self, conversations: list[Conversation], count: bool = True) -> list[Conversation]:
         """Apply the source's system prompt, then drop (and count) contents an earlier source already had."""
@@ -444,22 +460,21 @@ class _SourceTally:
     def _reread(self, split: str, validation_set: set[str], n_copies: list[int],
                 config: PackConfig) -> Iterator[tuple[str, list[Conversation], list[Reject]]]:
         """Read the source again and emit the conversations (and copies) that go to `split`."""
-        pending: list[Conversation] = []
-        position = 0  # among the conversations that stay in train
-        for conversations, _ in self._stream(config, Report("re-read")):  # its counts were taken the first time
-            for c in self._unseen(conversations, count=False):
-                held_out = content_hash(c.messages) in validation_set
-                if held_out and split == "validation":
-                    pending.append(c)
-                elif not held_out:
-                    if split == "train":
-                        pending += repeat(c, n_copies[position])
-                    position += 1
-            while len(pending) >= config.batch_size:
-                yield split, pending[: config.batch_size], []
-                del pending[: config.batch_size]
-        if pending:
-            yield split, pending, []
+
+        def chosen() -> Iterator[Conversation]:
+            position = 0  # among the conversations that stay in train
+            for conversations, _ in self._stream(config, Report("re-read")):  # its counts were taken the first time
+                for c in self._unseen(conversations, count=False):
+                    held_out = content_hash(c.messages) in validation_set
+                    if held_out and split == "validation":
+                        yield c
+                    elif not held_out:
+                        if split == "train":
+                            yield from repeat(c, n_copies[position])
+                        position += 1
+
+        for batch, _ in _batched(chosen(), config.batch_size, parse_size(config.batch_bytes, "--batch-bytes")):
+            yield split, batch, []
 
     def to_dict(self) -> dict[str, Any]:
         """The source and its counts, for the manifest."""
@@ -706,20 +721,40 @@ def check_strict(config: PackConfig, report: PackReport) -> None:
                         f"see {join(report.output, REJECTS_FILE)}")
 
 
-def _batched(items: Iterable[Conversation | Reject], size: int) -> Iterator[tuple[list[Conversation], list[Reject]]]:
-    """Group a stream into (conversations, rejects) batches of up to `size` conversations."""
+def _batched(items: Iterable[Conversation | Reject], size: int,
+             max_bytes: int) -> Iterator[tuple[list[Conversation], list[Reject]]]:
+    """Group a stream into (conversations, rejects) batches of up to `size` conversations and `max_bytes` of
+    message text (UTF-8); a conversation longer than `max_bytes` is a batch of its own. Encoding memory
+    follows the text of a batch, so this bounds it whatever the conversations' lengths."""
     conversations: list[Conversation] = []
     rejects: list[Reject] = []
+    held = 0
     for item in items:
         if item.__class__ is Reject:
             rejects.append(item)  # type: ignore[arg-type]
             continue
+        nbytes = text_bytes(item)  # type: ignore[arg-type]
+        if conversations and held + nbytes > max_bytes:
+            yield conversations, rejects
+            conversations, rejects, held = [], [], 0
         conversations.append(item)  # type: ignore[arg-type]
+        held += nbytes
         if len(conversations) >= size:
             yield conversations, rejects
-            conversations, rejects = [], []
+            conversations, rejects, held = [], [], 0
     if conversations or rejects:
         yield conversations, rejects
+
+
+def text_bytes(conversation: Conversation) -> int:
+    """UTF-8 bytes of a conversation's message contents (an upper bound on their tokens for byte-level BPE).
+
+    >>> from schemas.conversation import Message
+    >>> text_bytes(Conversation(id="c", messages=[Message(role="user", content="héllo"),
+    ...                                          Message(role="assistant", content="a")]))
+    7
+    """
+    return sum(len(m.content) if m.content.isascii() else len(m.content.encode()) for m in conversation.messages)
 
 
 def _write_rejects(file: Any, rejects: list[Reject]) -> None:

@@ -41,6 +41,7 @@ from prep.errors import InputError
 from prep.remote import is_url
 
 BATCH_SIZE = 2048
+BATCH_BYTES = 2**20  # JSON Lines and CSV batches also end after this much input, so long records keep memory bounded
 SUPPORTED = (".jsonl, .ndjson, .json, .csv (each optionally .gz, .zst, .bz2 or .xz), .parquet, .arrow, "
              "or a datasets.save_to_disk folder")
 CODECS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".xz": "xz"}  # compressed-file suffix -> codec
@@ -297,7 +298,7 @@ def _jsonl_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
     with _open_bytes(path) as (stream, raw):
         lines: list[int] = []
         payloads: list[bytes] = []
-        number = 0
+        number = held = 0
         try:
             for number, line in enumerate(stream, 1):
                 if number == 1 and line.startswith(_BOM):
@@ -306,9 +307,10 @@ def _jsonl_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
                     continue
                 lines.append(number)
                 payloads.append(line)
-                if len(payloads) == batch_size:
+                held += len(line)
+                if len(payloads) == batch_size or held >= BATCH_BYTES:
                     yield RawBatch(path, lines, payloads, raw.tell() / size)
-                    lines, payloads = [], []
+                    lines, payloads, held = [], [], 0
         except (*_DECOMPRESS_ERRORS, OSError) as e:
             raise _read_failed(path, f"after line {number} ", e) from None
         if payloads:
@@ -370,13 +372,15 @@ def _csv_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
         lines: list[int] = []
         rows: list[dict[str, Any]] = []
         index = -1
+        held = 0
         try:
             for index, row in enumerate(reader):
                 rows.append({k: v for k, v in row.items() if k is not None and v is not None})
                 lines.append(index)
-                if len(rows) == batch_size:
+                held += sum(len(v) for v in rows[-1].values() if isinstance(v, str))
+                if len(rows) == batch_size or held >= BATCH_BYTES:
                     yield RawBatch(path, lines, rows, raw.tell() / size)
-                    lines, rows = [], []
+                    lines, rows, held = [], [], 0
         except UnicodeDecodeError as e:
             raise InputError(f"not UTF-8 after {index + 1} row(s) ({e.reason}); re-save the file as UTF-8",
                              path=path) from None

@@ -33,14 +33,17 @@ from prep.spill import ExampleStore
 FORMAT = "prep-shards"
 FORMAT_VERSION = 1
 BATCH_ROWS = 1000  # rows per Arrow record batch, fixed so that output bytes never depend on timing (datasets uses 1000)
+BATCH_TOKENS = 2**21  # ... and fewer when max_len is long: a record batch is built in memory, 4 columns at once
 MAX_SHARD_BYTES = 2**31  # keeps every shard well inside int32 list offsets and mmap-friendly
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_size(size: str | int) -> int:
+def parse_size(size: str | int, flag: str = "--shard-size") -> int:
     """Bytes in a size such as "256MB" (decimal KB/MB/GB/TB), "1GiB" (binary KiB/MiB/GiB/TiB) or "1048576".
+
+    `flag` names the option in the error message.
 
     Raises:
         ConfigError: not a positive size with a known unit.
@@ -52,7 +55,7 @@ def parse_size(size: str | int) -> int:
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
         raise ConfigError(
-            f"invalid --shard-size {size!r}: expected a positive number of bytes with an optional unit "
+            f"invalid {flag} {size!r}: expected a positive number of bytes with an optional unit "
             "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 256MB"
         )
     return int(float(match.group(1)) * _UNITS[unit])
@@ -239,8 +242,9 @@ def write_shards(
     bounds = plan_shards(estimate_row_bytes(plan, store.lengths), target)
     names = [f"data-{i:05d}-of-{len(bounds) - 1:05d}.arrow" for i in range(len(bounds) - 1)]
     with staging_dir(out_dir, overwrite=overwrite) as tmp:
+        batch_rows = rows_per_batch(max_len)
         shards = [
-            _write_shard(store, plan, tmp / name, range(start, stop), int(row_tokens[start:stop].sum()))
+            _write_shard(store, plan, tmp / name, range(start, stop), int(row_tokens[start:stop].sum()), batch_rows)
             for name, start, stop in zip(names, bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
         ]
         ours = _our_manifest(store, plan, max_len=max_len, seed=seed, shards=shards)
@@ -270,14 +274,25 @@ def _checked_row_tokens(plan: PackPlan, lengths: np.ndarray, max_len: int) -> np
     return row_tokens
 
 
-def _write_shard(store: ExampleStore, plan: PackPlan, path: Path, rows: range, tokens: int) -> dict:
+def rows_per_batch(max_len: int) -> int:
+    """Rows per Arrow record batch: 1000 (as datasets writes), fewer when rows may be longer than 2,097 tokens,
+    so that building one batch never holds more than BATCH_TOKENS token slots (a function of max_len only,
+    so the output bytes stay a function of the options).
+
+    >>> rows_per_batch(2048), rows_per_batch(4096), rows_per_batch(32768), rows_per_batch(10**7)
+    (1000, 512, 64, 1)
+    """
+    return max(1, min(BATCH_ROWS, BATCH_TOKENS // max_len))
+
+
+def _write_shard(store: ExampleStore, plan: PackPlan, path: Path, rows: range, tokens: int, batch_rows: int) -> dict:
     """Write rows as one Arrow IPC stream file in fixed-size record batches; return its manifest entry."""
     schema = shard_schema(plan.packed, plan.padded)
     schema = schema.with_metadata(_hf_schema_metadata(schema.names))
     with open(path, "wb") as f:
         with pa.ipc.new_stream(f, schema) as writer:
-            for start in range(rows.start, rows.stop, BATCH_ROWS):
-                table = build_rows(store, plan, slice(start, min(start + BATCH_ROWS, rows.stop)))
+            for start in range(rows.start, rows.stop, batch_rows):
+                table = build_rows(store, plan, slice(start, min(start + batch_rows, rows.stop)))
                 writer.write_table(table.replace_schema_metadata(schema.metadata))
         f.flush()
         os.fsync(f.fileno())

@@ -36,7 +36,9 @@ class PackConfig(BaseModel):
     seed: int = Field(0, description="seed of the row shuffle")
     shard_size: str = Field("256MB", description="target size of each shard file")
     add_special_tokens: bool = Field(False, description="register the template markers as special tokens")
-    batch_size: int = Field(2048, ge=1, description="conversations per tokenizer call")
+    batch_size: int = Field(2048, ge=1, description="conversations per tokenizer call, at most")
+    batch_bytes: str = Field("1MiB", description="message text per tokenizer call, at most (a longer conversation "
+                             "goes alone): bounds the memory of encoding")
     workers: int = Field(0, ge=0, description="encoding processes; 0 = one per CPU (at most 8) for inputs >= 64 MiB")
     dedup: bool = Field(False, description="drop exact duplicate conversations before encoding")
     overwrite: bool = Field(False, description="replace an existing output folder")

@@ -76,6 +76,7 @@ class Recipe(BaseModel):
     pack: bool | None = None
     seed: int | None = None
     shard_size: str | None = None
+    batch_bytes: str | None = None
     add_special_tokens: bool | None = None
     dedup: bool | None = None
     val_fraction: float | None = None

@@ -579,8 +579,8 @@ def test_default_tokenizer_encodes_without_any_file():
 def test_prompt_cut_never_joins_a_marker():
     import re
 
-    from prep.encode import _cut_middle
+    from prep.overflow import cut_middle
 
     markers = re.compile(re.escape("<|im_end|>"))
-    assert _cut_middle("ab<|im_XXXXend|>cd", 7, 11, markers) == "ab<|imend|>cd"
-    assert _cut_middle("abcdefgh", 2, 6, markers) == "abgh"
+    assert cut_middle("ab<|im_XXXXend|>cd", 7, 11, markers) == "ab<|imend|>cd"
+    assert cut_middle("abcdefgh", 2, 6, markers) == "abgh"

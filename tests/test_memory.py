@@ -2,7 +2,8 @@
 apart, differ by a ratio <= 1.5 and by far less than holding the data would cost.
 
 The inputs and the measurement (child `ru_maxrss` via os.wait4) come from benchmarks/scale.py, which runs
-the same thing at a million records.
+the same thing at a million records; the long conversations (16k-32k tokens each) from benchmarks/chat.py,
+which runs them at 125 and 1,000.
 """
 
 from __future__ import annotations
@@ -70,3 +71,59 @@ def test_a_validation_split_holds_hashes_not_conversations(tmp_path: Path, share
     split = scale.run_measured(["pack", str(raw), "-o", str(tmp_path / "split"), "--val-fraction", "0.1",
                                 *common]).peak_mib
     assert split - plain <= 20, (plain, split)
+
+
+def _chat_module():
+    """benchmarks/chat.py, imported by path: its long-conversation data set."""
+    spec = importlib.util.spec_from_file_location("prep_benchmark_chat", REPO / "benchmarks" / "chat.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BATCH_BYTES = 256 * 2**10
+
+
+def _bound(baseline: float) -> float:
+    """The README's bound for one encoding process: its baseline + 200 MiB + 100 x --batch-bytes (in MiB)."""
+    return baseline + 200 + 100 * BATCH_BYTES / 2**20
+
+
+@pytest.fixture(scope="module")
+def long_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A one-conversation input, and 12 and 96 conversations of 16k-32k SmolLM2 tokens each (0.3M, 2.4M tokens)."""
+    chat = _chat_module()
+    tmp = tmp_path_factory.mktemp("long")
+    paths = {"tiny": tmp / "tiny.jsonl", "small": tmp / "small.jsonl", "big": tmp / "big.jsonl"}
+    paths["tiny"].write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}\n')
+    chat.long_conversations(paths["small"], 12)
+    chat.long_conversations(paths["big"], 96)
+    return paths
+
+
+def test_pack_memory_is_bounded_on_long_conversations(tmp_path: Path, shared_data: Path, long_inputs: dict[str, Path]):
+    """12 vs 96 long conversations, --max-len 32768, --batch-bytes 256KiB: ratio <= 1.2, and the peak within the
+    README's bound, the process with its tokenizer (measured here on the one-conversation input) + 200 MiB +
+    100 x --batch-bytes. (Batches of 2,048 conversations, as prep made before, grew with such data: 1.0 GB at
+    250 conversations, 5.1 GB at 2,000.)"""
+
+    def peak(name: str) -> float:
+        return scale.run_measured(["pack", str(long_inputs[name]), "-o", str(tmp_path / name), "--max-len", "32768",
+                                   "--tokenizer", str(shared_data / "tokenizers" / "smollm2-135m"), "--template",
+                                   "tokenizer", "--batch-bytes", str(BATCH_BYTES)]).peak_mib
+
+    baseline, small_peak, big_peak = peak("tiny"), peak("small"), peak("big")
+    assert big_peak / small_peak <= 1.2, (small_peak, big_peak)
+    assert big_peak <= _bound(baseline), (baseline, small_peak, big_peak)
+
+
+def test_pack_memory_with_workers_is_bounded_per_process(tmp_path: Path, shared_data: Path,
+                                                          long_inputs: dict[str, Path]):
+    """--workers 2 on the 96 long conversations: the main process (it converts, queues up to 2 batches per
+    worker and writes the shards) and each worker stay within the same per-process bound."""
+    chat = _chat_module()
+    tokenizer = str(shared_data / "tokenizers" / "smollm2-135m")
+    baseline = chat.peak_rss(long_inputs["tiny"], tmp_path / "tiny", 32768, 1, None, tokenizer=tokenizer)["main"]
+    peaks = chat.peak_rss(long_inputs["big"], tmp_path / "big", 32768, 2, str(BATCH_BYTES), tokenizer=tokenizer)
+    assert 0 < peaks["worker"] <= _bound(baseline), (baseline, peaks)
+    assert peaks["main"] <= _bound(baseline), (baseline, peaks)

@@ -100,3 +100,41 @@ def test_the_workers_rule_is_stated_as_the_code_applies_it():
     assert re.search(rf"one per usable\s+CPU, {cap}, for inputs of 64 MiB and more", readme)
     assert cap in typing.get_type_hints(cli.pack, include_extras=True)["workers"].__metadata__[0].help
     assert cap in PackConfig.model_fields["workers"].description
+
+
+def test_batches_by_bytes_and_slicing_give_byte_identical_shards(shared_data, tmp_path):
+    """--batch-bytes only groups conversations for the tokenizer: 8 KiB batches (most long chats alone, in the
+    overlapped in-process path) give the shards of one 64 MiB batch, and so do split pieces cut from their
+    conversation's ids versus the same run with every piece tokenized again."""
+    common = dict(inputs=[str(shared_data / "sharegpt" / "sharegpt_zh_1K_format.jsonl")],
+                  tokenizer=str(shared_data / "tokenizers" / "smollm2-135m"), template="tokenizer", max_len=1024,
+                  workers=1)
+    small = pack_shards(PackConfig(output=str(tmp_path / "small"), batch_bytes="8KiB", **common))
+    pack_shards(PackConfig(output=str(tmp_path / "big"), batch_bytes="64MiB", **common))
+    assert folder_bytes(tmp_path / "small") == folder_bytes(tmp_path / "big")
+    assert small.counts["pieces_sliced"] > 1000 and small.counts["split"] > 1000
+    assert verify_shards(tmp_path / "small").ok
+
+
+def test_a_bad_batch_bytes_fails_before_reading(shared_data, tmp_path):
+    from prep.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"invalid --batch-bytes '12XB'"):
+        pack_shards(PackConfig(inputs=["missing.jsonl"], output=str(tmp_path / "out"), batch_bytes="12XB"))
+
+
+def test_long_rows_are_written_in_smaller_record_batches(shared_data, tmp_path):
+    """At --max-len 8192 a record batch holds 256 rows (2^21 token slots), not 1000: writing never builds more."""
+    import pyarrow as pa
+
+    from prep.write import rows_per_batch
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_bytes((shared_data / "sharegpt" / "sharegpt_zh_1K_format.jsonl").read_bytes() * 2)
+    report = pack_shards(PackConfig(inputs=[str(chats)], output=str(tmp_path / "out"), max_len=8192, pack=False))
+    assert rows_per_batch(8192) == 256 and report.manifest["counts"]["rows"] > 256
+    for shard in report.manifest["shards"]:
+        with pa.ipc.open_stream(tmp_path / "out" / shard["file"]) as reader:
+            sizes = [batch.num_rows for batch in reader]
+        assert max(sizes) == 256 and sum(sizes) == shard["rows"]
+    assert verify_shards(tmp_path / "out").ok
