@@ -25,3 +25,5 @@ class ConvertConfig(BaseModel):
     overwrite: bool = Field(False, description="Replace existing output files.")
     strict: bool = Field(False, description="Fail (exit 1) when any record is rejected.")
     dedup: bool = Field(False, description="Drop exact duplicate conversations (same messages).")
+    fields: dict[str, str] | None = Field(None, description="Field mapping TARGET -> SOURCE key (messages -> traj, "
+                                          "message.role -> speaker), applied to every record before validation.")
