@@ -15,6 +15,9 @@ import typer
 from prep.errors import PrepError
 
 FORMAT_HELP = "auto (detect per file), alpaca, sharegpt, openai, prompt_completion, transcript or unified."
+FieldOpt = Annotated[Optional[list[str]], typer.Option(
+    "--field", help="Read a field from another key, TARGET=SOURCE (repeatable): messages=traj, tools=functions, "
+                    "message.role=speaker; SOURCE may be a dotted path (data.turns).")]
 app = typer.Typer(
     name="prep",
     help="Turn raw instruction-tuning data into training-ready shards.",
@@ -33,6 +36,7 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any record is rejected.")] = False,
     dedup: Annotated[bool, typer.Option("--dedup", help="Drop exact duplicate conversations.")] = False,
+    fields: FieldOpt = None,
 ) -> None:
     """Convert raw SFT data (Alpaca, ShareGPT, OpenAI, transcripts) to unified conversations."""
     from rich.console import Console
@@ -41,7 +45,7 @@ def convert(
     from prep.report import render_report
 
     config = build_config(inputs=inputs, output=output, format=format, rejects=rejects, overwrite=overwrite,
-                          strict=strict, dedup=dedup)
+                          strict=strict, dedup=dedup, fields=fields)
     report = convert_files(config, progress=sys.stderr.isatty())
     console = Console()
     console.print(render_report(report))
@@ -98,6 +102,11 @@ def pack(
     trust_remote_code: RemoteCodeOpt = False,
     dedup: Annotated[Optional[bool], typer.Option("--dedup/--no-dedup", help="Drop exact duplicate conversations.",
                                                   show_default="no")] = None,
+    fields: FieldOpt = None,
+    expand_turns: Annotated[Optional[str], typer.Option(
+        "--expand-turns", help="auto | off | all: one example per trained reply, each with the turns before it as "
+                               "masked context (auto: only where the chat template renders a reply differently once "
+                               "later turns follow, e.g. Qwen3 dropping earlier reasoning); default auto.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Conversations per tokenizer call.")] = 2048,
     workers: Annotated[int, typer.Option(help="Encoding processes; 0 = one per CPU for inputs >= 64 MiB, else 1. "
                                               "The output is the same for any number.")] = 0,

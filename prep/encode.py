@@ -1,8 +1,10 @@
 """Conversations → exact token ids and label masks (`input_ids`, `labels`, `example_id` as a pa.Table).
 
 How an example is built:
-1. render once to `(text, spans)` (prep.render); content holding a special token or a role marker is
-   rejected (`marker_in_content`);
+1. render once to `(text, spans)` (prep.render); content (or a tool call, or a tool definition) holding a
+   special token or a role marker is rejected (`marker_in_content`); where a chat template renders a trained
+   reply differently once later turns follow (Qwen3 dropping earlier reasoning), the conversation is expanded
+   into one example per such reply (`expand_turns`);
 2. tokenize the whole text once, in one batched call of the fast tokenizer (`add_special_tokens=False`:
    a BOS, where the tokenizer uses one, is already in the text), so the ids are exactly what the model
    sees at inference;
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -43,12 +46,14 @@ import pyarrow as pa
 
 from prep.errors import ConfigError
 from prep.render import Rendered, RenderFailure, Template, render_batch, special_token_regex, special_token_strings
+from prep.turns import exchanges, expansion
 from prep.tokenizer import adds_bos
 from schemas.conversation import Conversation, Message
 from schemas.reject import ErrorDetail, Reject
 
 TRAIN_ON = ("completion", "last", "all")
 OVERFLOW = ("split", "truncate", "drop")
+EXPAND_TURNS = ("auto", "off", "all")
 IGNORE_INDEX = -100
 ENCODED_SCHEMA = pa.schema(
     [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("example_id", pa.string())]
@@ -65,6 +70,10 @@ COUNT_KEYS = (
     "rejected",
     "template_dropped_message",
     "template_dropped_reasoning",
+    "template_dropped_content",
+    "tool_call_ids_generated",
+    "expanded",
+    "expanded_conversations",
 )
 
 
@@ -79,7 +88,11 @@ class EncodeResult:
             made by splitting), split_conversations, truncated, dropped (too long under the overflow
             policy), rejected (failed a check), template_dropped_message (messages a chat template did
             not render), template_dropped_reasoning (replies whose folded reasoning a chat template left
-            out). Invariant: conversations + split == examples + dropped + rejected.
+            out), template_dropped_content (tool-call messages whose content a chat template did not render,
+            only their calls), tool_call_ids_generated (call ids prep made for a template that needs them),
+            expanded (extra examples made by expanding conversations into one example per reply, see
+            `expand_turns`), expanded_conversations. Invariant: conversations + split + expanded == examples +
+            dropped + rejected.
         rejected: rejected examples by reason (drops are `counts["dropped"]`, reason `too_long`).
         rejects: one Reject (stage "pack") per dropped or rejected example.
     """
@@ -164,6 +177,10 @@ class Encoder:
         overflow: what to do with a longer one: "split" (at turn boundaries, see `_Splitter`),
             "truncate" (keep the first max_len tokens) or "drop".
         verify: check every example (leave on; off only to measure its cost).
+        expand_turns: "auto" (a conversation whose chat template renders a trained reply differently once
+            later turns follow, dropping its reasoning or rewriting its tool call, becomes one example per such
+            reply, each with the turns before it as masked context, plus one for the rest), "off" (train what
+            the whole render shows; a rewritten tool call is rejected), "all" (one example per trained reply).
 
     Raises:
         ConfigError: an unknown policy, a bad max_len, or a template that needs an EOS the tokenizer lacks.
@@ -183,15 +200,18 @@ class Encoder:
         max_len: int = 2048,
         overflow: str = "split",
         verify: bool = True,
+        expand_turns: str = "auto",
     ):
         _check_choice("--train-on", train_on, TRAIN_ON)
         _check_choice("--overflow", overflow, OVERFLOW)
+        _check_choice("--expand-turns", expand_turns, EXPAND_TURNS)
         if not isinstance(max_len, int) or max_len < 2:
             raise ConfigError(f"--max-len {max_len!r}: expected an integer >= 2")
         if template.append_eos and not tokenizer.eos_token:
             raise ConfigError(f"template {template.name!r} appends EOS, but the tokenizer has no eos_token")
         self.tokenizer, self.template = tokenizer, template
         self.train_on, self.max_len, self.overflow, self.verify = train_on, max_len, overflow, verify
+        self.expand_turns = expand_turns if train_on != "all" else "off"  # under `all` every token is trained once
         self._backend = tokenizer.backend_tokenizer
         self._specials = special_token_strings(tokenizer)
         self._special_ids = {s: tokenizer.convert_tokens_to_ids(s) for s in self._specials}
@@ -224,7 +244,10 @@ class Encoder:
         counts = Counter(dict.fromkeys(COUNT_KEYS, 0))
         counts["conversations"] = len(conversations)
         items = self._accept_markers(conversations, outcomes)
-        fitting, overflowing = self._render_and_tokenize(items, outcomes)
+        if self.expand_turns == "all":
+            kept = [[f and m.role != "assistant" for f, m in zip(it.flags, it.messages)] for it in items]
+            items = self._expand(items, kept, counts)
+        fitting, overflowing = self._render_and_tokenize(items, outcomes, counts)
         splitters = []
         for item in overflowing:
             if self.overflow == "truncate":
@@ -242,7 +265,7 @@ class Encoder:
         """Items for the conversations whose content holds no marker; `marker_in_content` for the rest."""
         items = []
         for index, conv in enumerate(conversations):
-            hit = self._find_marker(conv.messages)
+            hit = self._find_marker(conv.messages, conv.tools)
             if hit is not None:
                 outcomes.append(_Outcome(index, 0, reason="marker_in_content", field=hit[0], message=hit[1]))
             else:
@@ -252,41 +275,33 @@ class Encoder:
     # ----------------------------------------------------------------------------------------------
     # Checks before tokenizing
 
-    def _find_marker(self, messages: Sequence[Message]) -> tuple[str, str] | None:
-        """(field, message) for the first content holding a special token or role marker, else None."""
+    def _find_marker(self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None
+                     ) -> tuple[str, str] | None:
+        """(field, message) for the first content, tool call or tool definition holding a special token or role
+        marker, else None."""
         if self._marker_re is None:
             return None
-        for i, m in enumerate(messages):
-            match = self._marker_re.search(m.content)
+        texts = itertools.chain.from_iterable(_texts(i, m) for i, m in enumerate(messages))
+        if tools:
+            texts = itertools.chain(texts, [("tools", json.dumps(tools, ensure_ascii=False))])
+        for field, text in texts:
+            match = self._marker_re.search(text)
             if match is not None:
-                excerpt = m.content[max(0, match.start() - 30) : match.end() + 30]
-                return f"messages[{i}].content", f"contains the marker {match.group()!r}: ...{excerpt!r}..."
+                excerpt = text[max(0, match.start() - 30) : match.end() + 30]
+                return field, f"contains the marker {match.group()!r}: ...{excerpt!r}..."
         return None
 
     # ----------------------------------------------------------------------------------------------
     # Render + tokenize (one batched tokenizer call)
 
-    def _render_and_tokenize(self, items: list[_Item], outcomes: list[_Outcome]) -> tuple[list[_Item], list[_Item]]:
-        """Render and tokenize `items`; return (fitting, over max_len); failures go to `outcomes`."""
-        rendered = render_batch(
-            [it.messages for it in items],
-            self.template,
-            self.tokenizer,
-            bos=self._bos_text,
-            eos=self.tokenizer.eos_token,
-            special_tokens=self._specials,
-        )
-        ready = []
-        for item, out in zip(items, rendered):
-            if isinstance(out, RenderFailure):
-                outcomes.append(_Outcome(item.conv_index, item.piece, -1, out.reason, out.field, out.message))
-                continue
-            failure = self._check_dropped(item, out)
-            if failure is not None:
-                outcomes.append(failure)
-                continue
-            item.rendered = out
-            ready.append(item)
+    def _render_and_tokenize(self, items: list[_Item], outcomes: list[_Outcome],
+                             counts: Counter | None = None) -> tuple[list[_Item], list[_Item]]:
+        """Render and tokenize `items`; return (fitting, over max_len); failures go to `outcomes`.
+
+        With `counts` (the first rendering of whole conversations), a conversation that needs expanding
+        (`expand_turns` auto) is replaced by its expansion (counted), rendered in a second call.
+        """
+        ready = self._rendered(items, outcomes, counts)
         encodings = self._backend.encode_batch([it.rendered.text for it in ready], add_special_tokens=False)
         fitting, overflowing = [], []
         for item, enc in zip(ready, encodings):
@@ -294,15 +309,69 @@ class Encoder:
             (fitting if len(enc) <= self.max_len else overflowing).append(item)
         return fitting, overflowing
 
+    def _rendered(self, items: list[_Item], outcomes: list[_Outcome], counts: Counter | None) -> list[_Item]:
+        """Render `items` (one batched call); the ones that rendered and passed the checks, in order."""
+        rendered = render_batch(
+            [it.messages for it in items],
+            self.template,
+            self.tokenizer,
+            bos=self._bos_text,
+            eos=self.tokenizer.eos_token,
+            special_tokens=self._specials,
+            tools=[it.conv.tools for it in items],
+        )
+        ready, unstable, kept = [], [], []
+        for item, out in zip(items, rendered):
+            if isinstance(out, RenderFailure):
+                outcomes.append(_Outcome(item.conv_index, item.piece, -1, out.reason, out.field, out.message))
+                continue
+            shifted = self._unstable(item, out) if counts is not None and self.expand_turns == "auto" else set()
+            if shifted:
+                unstable.append(item)
+                kept.append([f and i not in shifted for i, f in enumerate(item.flags)])
+                continue
+            failure = self._check_dropped(item, out)
+            if failure is not None:
+                outcomes.append(failure)
+                continue
+            item.rendered = out
+            ready.append(item)
+        if unstable:
+            ready += self._rendered(self._expand(unstable, kept, counts), outcomes, None)  # type: ignore[arg-type]
+        return ready
+
     def _check_dropped(self, item: _Item, rendered: Rendered) -> _Outcome | None:
-        """Reject an example whose chat template did not render one of its trained replies.
+        """Reject an example whose chat template did not render one of its trained replies, or renders one of its
+        trained tool calls differently once later turns follow (`--expand-turns auto` trains those).
 
         Other messages the template drops (mistral's system prompt) are counted when built."""
         for i in rendered.dropped:
             if item.flags[i] and item.messages[i].role == "assistant":
                 msg = "the chat template did not render this trained assistant message"
                 return _Outcome(item.conv_index, item.piece, -1, "template_dropped_message", f"messages[{i}]", msg)
+        for i in rendered.rewritten:
+            if item.flags[i]:
+                msg = ("the chat template renders this tool call differently once later turns follow, so its text "
+                       "in the conversation is not what the model writes at inference; --expand-turns auto trains "
+                       "it in an example of its own")
+                return _Outcome(item.conv_index, item.piece, -1, "template_rewrites_turn", f"messages[{i}]", msg)
         return None
+
+    def _unstable(self, item: _Item, rendered: Rendered) -> set[int]:
+        """Trained replies the chat template renders differently once later turns follow: their reasoning left
+        out, or (tool calls) their text not found."""
+        return {i for i in (*rendered.rewritten, *rendered.reasoning_dropped) if item.flags[i]}
+
+    def _expand(self, items: list[_Item], kept: list[list[bool]], counts: Counter) -> list[_Item]:
+        """Each item as its expansion (prep.turns.expansion): one example per reply that needs its own (the
+        messages up to it, only it trained), plus the conversation with what stays trained (`kept`)."""
+        out = []
+        for item, kept_flags in zip(items, kept):
+            pieces = expansion(item.flags, kept_flags)
+            counts["expanded"] += len(pieces) - 1
+            counts["expanded_conversations"] += len(pieces) > 1
+            out += [_Item(item.conv_index, item.conv, item.messages[:end], flags, piece=end) for end, flags in pieces]
+        return out
 
     # ----------------------------------------------------------------------------------------------
     # Labels: character spans → token ranges → numpy masks, then verification
@@ -313,6 +382,8 @@ class Encoder:
             return
         counts["template_dropped_message"] += sum(len(it.rendered.dropped) for it in items)
         counts["template_dropped_reasoning"] += sum(len(it.rendered.reasoning_dropped) for it in items)
+        counts["template_dropped_content"] += sum(len(it.rendered.content_dropped) for it in items)
+        counts["tool_call_ids_generated"] += sum(it.rendered.ids_generated for it in items)
         id_lists = [it.enc.ids[: self.max_len] if it.truncated else it.enc.ids for it in items]
         lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(items))
         starts = np.concatenate(([0], np.cumsum(lengths)))
@@ -548,8 +619,8 @@ class _Splitter:
         messages, flags = item.messages, item.flags
         self.system = messages[0] if messages[0].role == "system" else None
         first = 1 if self.system is not None else 0
-        self.pairs = [(i, i + 1) for i in range(first, len(messages) - 1, 2)]
-        self.needed = [flags[u] or flags[a] for u, a in self.pairs]
+        self.pairs = exchanges(messages, first)  # a user turn and its reply (tool calls and results included)
+        self.needed = [any(flags[i] for i in pair) for pair in self.pairs]
         self._estimate_costs()
 
     def has_trained_turn(self) -> bool:
@@ -567,8 +638,8 @@ class _Splitter:
             head = stops.get(0, head)
         bound = head
         self.costs = []
-        for u, a in self.pairs:
-            end = stops.get(a, stops.get(u, bound))
+        for pair in self.pairs:
+            end = next((stops[i] for i in reversed(pair) if i in stops), bound)
             self.costs.append(max(end - bound, 0))
             bound = max(bound, end)
         self.head, self.tail = head, max(len(enc) - bound, 0)
@@ -668,7 +739,19 @@ def _check_choice(flag: str, value: str, valid: tuple[str, ...]) -> None:
 
 def _message(message: Message, content: str, train: bool) -> Message:
     """A copy of `message` with new content and an explicit train flag (no re-validation)."""
-    return Message.model_construct(role=message.role, content=content, train=train)
+    return Message.model_construct(role=message.role, content=content, train=train, tool_calls=message.tool_calls,
+                                   name=message.name, tool_call_id=message.tool_call_id)
+
+
+def _texts(i: int, m: Message) -> Iterator[tuple[str, str]]:
+    """(field, text) of everything of message `i` a template prints: content, tool calls, name, call id."""
+    yield f"messages[{i}].content", m.content
+    for j, c in enumerate(m.tool_calls or ()):
+        yield f"messages[{i}].tool_calls[{j}]", json.dumps([c.id, c.name, c.arguments], ensure_ascii=False)
+    for key in ("name", "tool_call_id"):
+        value = getattr(m, key)
+        if value is not None:
+            yield f"messages[{i}].{key}", value
 
 
 def _cut_middle(content: str, head_end: int, tail_start: int, marker_re: re.Pattern[str] | None) -> str:

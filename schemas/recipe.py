@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.config import FormatOption
-from schemas.pack_config import Overflow, TrainOn
+from schemas.pack_config import ExpandTurns, Overflow, TrainOn
 
 
 class Source(BaseModel):
@@ -28,6 +28,8 @@ class Source(BaseModel):
     val_fraction: float | None = Field(None, description="share of this source held out for validation")
     val_size: int | None = Field(None, description="conversations of this source held out for validation")
     name: str | None = Field(None, description="label in the manifest (default: the path)")
+    fields: dict[str, str] | None = Field(None, description="field mapping TARGET -> SOURCE key for this source "
+                                          "(messages: traj, tools: functions, message.role: speaker)")
 
     @field_validator("weight")
     @classmethod
@@ -71,11 +73,13 @@ class Recipe(BaseModel):
     max_len: int | None = Field(None, ge=8)
     train_on: TrainOn | None = None
     overflow: Overflow | None = None
+    expand_turns: ExpandTurns | None = None
     pack: bool | None = None
     seed: int | None = None
     shard_size: str | None = None
     add_special_tokens: bool | None = None
     dedup: bool | None = None
+    fields: dict[str, str] | None = None
     val_fraction: float | None = None
     val_size: int | None = None
 
