@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from prep.errors import ConfigError
-from prep.splice import Match, SkeletonBuilder, TooManyValues, Walk
+from prep.splice import BASE, Match, SkeletonBuilder, TooManyValues, Walk
 from schemas.conversation import (
     REASONING_CLOSE,
     REASONING_OPEN,
@@ -678,23 +678,26 @@ def _call_dict(name: Any, arguments: Any, call_id: Any) -> dict[str, Any]:
 
 def _with_call_ids(messages: list[Message], fresh: bool) -> tuple[list[Message], int]:
     """The messages with an id on every call and a `tool_call_id` on every result (Mistral's template refuses
-    calls without 9-character alphanumeric ids). Missing ids, or all ids with `fresh`, are generated: 9 hex
-    digits of a hash of the call (deterministic); a result without an id answers the call at its position.
+    calls without 9-character alphanumeric ids). The k-th call of the conversation (0-based) without an id, or
+    every call with `fresh`, gets `_generated_id(k, call)`; a result without an id answers the call at its
+    position after the calling message, a result naming a replaced id gets the new one.
 
     Returns:
         (messages, number of ids generated).
     """
-    out, generated, renamed, pending = [], 0, {}, []
+    out, generated, renamed, pending, k = [], 0, {}, [], 0
     for m in messages:
         if m.tool_calls:
             calls = []
             for c in m.tool_calls:
                 if c.id is None or fresh:
-                    new_id = _generated_id(len(renamed) + generated, c)
-                    renamed[c.id] = new_id
+                    new_id = _generated_id(k, c)
+                    if c.id is not None:
+                        renamed[c.id] = new_id
                     c = c.model_copy(update={"id": new_id})
                     generated += 1
                 calls.append(c)
+                k += 1
             m = m.model_copy(update={"tool_calls": calls})
             pending = [c.id for c in calls]
         elif m.role == "tool":
@@ -707,7 +710,8 @@ def _with_call_ids(messages: list[Message], fresh: bool) -> tuple[list[Message],
 
 
 def _generated_id(k: int, call: Any) -> str:
-    """A deterministic 9-character alphanumeric call id."""
+    """A deterministic 9-character alphanumeric call id: the first 9 hex digits of the 5-byte BLAKE2b of
+    `f"{k}\\0{name}\\0{arguments as JSON with sorted keys}"` (k: the call's position in the conversation)."""
     payload = f"{k}\x00{call.name}\x00{json.dumps(call.arguments, sort_keys=True, ensure_ascii=False)}"
     return hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=5).hexdigest()[:9]
 
@@ -878,7 +882,7 @@ def _message_text(tokenizer: Any, chat_template: str, skeleton: _Skeleton, walk:
         if isinstance(out, RenderFailure):
             return RenderFailure(out.reason, f"messages[{i}]", "the chat template cannot render the conversation up to "
                                  f"this tool call: {out.message}")
-    delta = _added_text(before, after)
+    delta = _added_text(before, after, [slot for slot, owner in enumerate(skeleton.owner) if 0 <= owner < i])
     if info.header and delta.startswith(info.header):
         delta = delta[len(info.header):]
     ends = [m.end() for m in special.finditer(delta)] if special is not None else []
@@ -891,17 +895,16 @@ def _message_text(tokenizer: Any, chat_template: str, skeleton: _Skeleton, walk:
     return None if start < 0 else (start, start + len(delta))
 
 
-def _added_text(before: str, after: str) -> str:
+def _added_text(before: str, after: str, earlier: list[int]) -> str:
     """The text a last message adds: `after` past the point where `before` (the conversation up to it, with the
-    generation prompt) ends. That point is found after the last placeholder of `before` and the text following
-    it, since a template may render earlier messages differently once another follows (Mistral moves the system
-    prompt to the last user turn); without a placeholder, after their common prefix."""
-    last = None
-    for last in _ANY_PLACEHOLDER.finditer(before):
-        pass
-    if last is not None:
-        tail = before[last.end():]
-        found = after.rfind(last.group())
+    generation prompt) ends. That point is found after the last placeholder of an earlier message (`earlier`:
+    their slots) and the text following it, since a template may render earlier messages differently once another
+    follows (Mistral moves the system prompt to the last user turn); failing that, after the common prefix."""
+    chars = {chr(BASE + slot) for slot in earlier}
+    last = max((m.start() for m in _ANY_PLACEHOLDER.finditer(before) if m.group() in chars), default=-1)
+    if last >= 0:
+        tail = before[last + 1:]
+        found = after.rfind(before[last])
         if found >= 0 and after.startswith(tail, found + 1):
             return after[found + 1 + len(tail):]
     return after[len(os.path.commonprefix([before, after])):]

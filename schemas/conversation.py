@@ -54,8 +54,8 @@ class Message(BaseModel):
 
     >>> Message(role="user", content="Hi").role
     'user'
-    >>> Message(role="tool", content='{"temp": 21}', name="get_weather").model_dump_json()
-    '{"role":"tool","content":"{\\"temp\\": 21}","train":null,"name":"get_weather"}'
+    >>> Message(role="tool", content="21 °C", name="get_weather").model_dump_json()
+    '{"role":"tool","content":"21 °C","train":null,"name":"get_weather"}'
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -118,7 +118,8 @@ def conversation_problems(messages: list[Message], tools: list[dict[str, Any]] |
 
     >>> conversation_problems([Message(role="user", content="hi")])
     [('messages', 'no assistant turn', 'no_assistant_turn')]
-    >>> conversation_problems([Message(role="user", content="hi"), Message(role="tool", content="42")])[0][2]
+    >>> conversation_problems([Message(role="user", content="hi"), Message(role="tool", content="42"),
+    ...                        Message(role="assistant", content="42.")])[0][2]
     'orphan_tool_result'
     """
     out: list[tuple[str, str, str]] = []
