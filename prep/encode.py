@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import json
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -43,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pydantic_core import to_json as _to_json
 
 from prep.errors import ConfigError
 from prep.render import Rendered, RenderFailure, Template, render_batch, special_token_regex, special_token_strings
@@ -283,7 +283,7 @@ class Encoder:
             return None
         texts = itertools.chain.from_iterable(_texts(i, m) for i, m in enumerate(messages))
         if tools:
-            texts = itertools.chain(texts, [("tools", json.dumps(tools, ensure_ascii=False))])
+            texts = itertools.chain(texts, [("tools", _to_json(tools).decode())])
         for field, text in texts:
             match = self._marker_re.search(text)
             if match is not None:
@@ -747,7 +747,7 @@ def _texts(i: int, m: Message) -> Iterator[tuple[str, str]]:
     """(field, text) of everything of message `i` a template prints: content, tool calls, name, call id."""
     yield f"messages[{i}].content", m.content
     for j, c in enumerate(m.tool_calls or ()):
-        yield f"messages[{i}].tool_calls[{j}]", json.dumps([c.id, c.name, c.arguments], ensure_ascii=False)
+        yield f"messages[{i}].tool_calls[{j}]", _to_json([c.id, c.name, c.arguments]).decode()
     for key in ("name", "tool_call_id"):
         value = getattr(m, key)
         if value is not None:

@@ -626,6 +626,12 @@ def _has_call_ids(messages: Sequence[Message]) -> bool:
 def _real_renders(tokenizer: Any, template: Template, batch: list[list[Message]],
                   tools: list[list[dict[str, Any]] | None], info: _TemplateInfo) -> list[Any]:
     """`apply_chat_template(messages, tools=tools, tokenize=False)` for each conversation, one call per tools list."""
+    direct = {name: _direct_renderer(tokenizer, t) for name, t in (("plain", template.chat_template or ""),
+                                                                   ("tools", _chat_template_for(template, [{}])))}
+    if direct["plain"] is not None and direct["tools"] is not None:  # no batching to gain: render one by one
+        with _fixed_template_date():
+            return [_guarded(direct["tools" if t else "plain"], chat_dicts(m, info.arg_form), t, False)
+                    for m, t in zip(batch, tools)]
     groups: dict[str, list[int]] = {}
     for k, conv_tools in enumerate(tools):
         groups.setdefault(json.dumps(conv_tools, ensure_ascii=False, sort_keys=True) if conv_tools else "", []).append(k)
@@ -780,7 +786,7 @@ def _skeleton(messages: Sequence[Message], tools: list[dict[str, Any]] | None, a
     tool_names: list[int] = []
     skeleton_tools = [_tool_skeleton(b, t, tool_names) for t in tools] if tools and placeholders else tools
     owner += [-1] * (len(b.kinds) - len(owner))
-    key = json.dumps([dicts, skeleton_tools, arg_form], ensure_ascii=False)
+    key = repr((dicts, skeleton_tools, arg_form))  # the skeleton itself: equal keys, equal renders
     return _Skeleton(dicts, skeleton_tools, b.kinds, b.values, folded, content, reasoning, call_names, tool_names,
                      owner, key)
 

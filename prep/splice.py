@@ -187,10 +187,14 @@ class Walk:
         spans = []
         for k, occ in enumerate(self.occurrences):
             following = self.literals[k + 1]
-            printed = next((c for c in _candidates(occ, values) if real.startswith(c, pos)
-                            and real.startswith(following, pos + len(c))), None)
-            if printed is None:
-                return None
+            value = values[occ.slot]
+            if occ.form is None and real.startswith(value, pos) and real.startswith(following, pos + len(value)):
+                printed = value  # the common case, without building the other candidates
+            else:
+                printed = next((c for c in _candidates(occ, values) if real.startswith(c, pos)
+                                and real.startswith(following, pos + len(c))), None)
+                if printed is None:
+                    return None
             spans.append((pos, pos + len(printed)))
             pos += len(printed) + len(following)
         return Match(self, tuple(spans)) if pos == len(real) else None
