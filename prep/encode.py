@@ -284,11 +284,11 @@ class Encoder:
         texts = itertools.chain.from_iterable(_texts(i, m) for i, m in enumerate(messages))
         if tools:
             texts = itertools.chain(texts, [("tools", _to_json(tools).decode())])
-        for field, text in texts:
+        for where, text in texts:
             match = self._marker_re.search(text)
             if match is not None:
                 excerpt = text[max(0, match.start() - 30) : match.end() + 30]
-                return field, f"contains the marker {match.group()!r}: ...{excerpt!r}..."
+                return where, f"contains the marker {match.group()!r}: ...{excerpt!r}..."
         return None
 
     # ----------------------------------------------------------------------------------------------

@@ -335,7 +335,7 @@ class _SourceTally:
         else:
             digests: list[str] = []
             for conversations, rejects in stream:
-                digests += [content_hash(c.messages) for c in self._unseen(conversations)]
+                digests += [content_hash(c.messages, c.tools) for c in self._unseen(conversations)]
                 if rejects:
                     yield "train", [], rejects
             yield from self._split_and_weight(digests, config)
@@ -357,7 +357,7 @@ class _SourceTally:
             return conversations
         kept = []
         for c in conversations:
-            digest = content_hash(c.messages)
+            digest = content_hash(c.messages, c.tools)
             if digest in self.earlier:
                 self.counts["cross_source_duplicates"] += count
                 continue
@@ -391,7 +391,7 @@ class _SourceTally:
         position = 0  # among the conversations that stay in train
         for conversations, _ in self._stream(config, Report("re-read")):  # its counts were taken the first time
             for c in self._unseen(conversations, count=False):
-                held_out = content_hash(c.messages) in validation_set
+                held_out = content_hash(c.messages, c.tools) in validation_set
                 if held_out and split == "validation":
                     pending.append(c)
                 elif not held_out:
@@ -766,6 +766,7 @@ def _manifest_extra(run: _Run, report: PackReport, split: str, fingerprint: str)
         "fingerprint": fingerprint,
         "train_on": config.train_on,
         "overflow": config.overflow,
+        "expand_turns": config.expand_turns,
         "template": {"name": template.name, "sha256": template_sha256(template)},
         "tokenizer": {
             "name": name,

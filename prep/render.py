@@ -46,8 +46,6 @@ from schemas.conversation import (
 
 TEMPLATE_NAMES = ("markers", "chatml", "tokenizer")
 TEMPLATE_DATE = datetime(2024, 7, 26)  # what `strftime_now` in a chat template reads (fixed: same output every day)
-_PLACEHOLDER_BASE = 0xF0000  # Supplementary Private Use Area-A: one code point per message
-_REASONING_BASE = 0x100000  # Supplementary Private Use Area-B: one per message's folded reasoning
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ placeholder character as long as the id (templates check ids' lengths); objects 
 become `{"<placeholder>": null}`, which a template prints with `tojson`. Rendering the skeleton shows where
 each value goes and what the template writes around it; the real render is then walked along the skeleton:
 the literal text must match exactly, and each value must match one of the forms a template prints a value
-in (as is, trimmed, escaped inside a JSON string, or `tojson` with the separators and indentation the
-skeleton shows). The walk maps every skeleton position to its position in the real text.
+in (as is, trimmed, escaped inside a JSON string; an object as any JSON text that parses to it, so `tojson`
+with any indentation or key order). The walk maps every skeleton position to its position in the real text.
 
 The skeleton depends only on the conversation's shape (roles, which fields are set, the tools' keys), so
 its render is cached: most conversations cost one real render and a walk of string comparisons.
@@ -35,7 +35,8 @@ from typing import Any, NamedTuple
 BASE = 0xF0000  # Supplementary Private Use Area-A
 LIMIT = 0xFFFFD
 _ANY_SLOT = re.compile("[\U000F0000-\U000FFFFD]")
-_OBJECT = re.compile(r'\{(\s*)"(.)"(\s*):(\s*)null(\s*)\}', re.DOTALL)
+_OBJECT = re.compile(r'\{\s*"(.)"\s*:\s*null\s*\}', re.DOTALL)
+_DECODER = json.JSONDecoder()
 
 TEXT, STRING, ID, OBJECT, REASONING = "text", "string", "id", "object", "reasoning"
 FOLDED = "folded"
@@ -89,7 +90,7 @@ class SkeletonBuilder:
 
 class Occurrence(NamedTuple):
     """Where slot `slot` sits in the skeleton text: `[start, end)`; `form` says how its value is printed there
-    (the `json.dumps` options of an object; FOLDED for a reasoning slot printed with its reply)."""
+    (OBJECT for JSON text, FOLDED for a reasoning slot printed with its reply)."""
 
     start: int
     end: int
@@ -190,6 +191,11 @@ class Walk:
             value = values[occ.slot]
             if occ.form is None and real.startswith(value, pos) and real.startswith(following, pos + len(value)):
                 printed = value  # the common case, without building the other candidates
+            elif occ.form == OBJECT:
+                end = _json_end(real, pos, value)
+                if end is None or not real.startswith(following, end):
+                    return None
+                printed = real[pos:end]
             else:
                 printed = next((c for c in _candidates(occ, values) if real.startswith(c, pos)
                                 and real.startswith(following, pos + len(c))), None)
@@ -212,9 +218,9 @@ def _occurrence(text: str, start: int, slot: int, kinds: Sequence[str], folded: 
     if kind == OBJECT:
         opening = text.rfind("{", 0, start)
         found = _OBJECT.match(text, opening) if opening >= 0 else None
-        if found is None or found.group(2) != ch:
+        if found is None or found.group(1) != ch:
             raise ValueError("the chat template prints an object other than with tojson")
-        return Occurrence(opening, found.end(), slot, _json_form(found))
+        return Occurrence(opening, found.end(), slot, OBJECT)
     if kind == REASONING:
         return _folded(text, start, slot, folded[slot])
     return Occurrence(start, start + 1, slot)
@@ -237,26 +243,18 @@ def _folded(text: str, start: int, slot: int, reply: int | None) -> Occurrence:
     return Occurrence(opening, end, slot, FOLDED)
 
 
-def _json_form(found: re.Match[str]) -> tuple[int | None, str, str]:
-    """(indent, indentation of the closing brace, key separator) of an object printed with tojson."""
-    inner, _, _, after_colon, before_close = found.groups()
-    separator = ":" + after_colon
-    if "\n" not in inner:
-        return None, "", separator
-    base = before_close.rsplit("\n", 1)[-1]
-    return len(inner.rsplit("\n", 1)[-1]) - len(base), base, separator
+def _json_end(real: str, pos: int, value: Any) -> int | None:
+    """The end of the JSON text at `pos` of `real` when it parses to `value` (else None)."""
+    try:
+        parsed, end = _DECODER.raw_decode(real, pos)
+    except ValueError:
+        return None
+    return end if parsed == value else None
 
 
 def _candidates(occ: Occurrence, values: Sequence[Any]):
-    """The forms a template may have printed the value of an occurrence in, most likely first."""
+    """The forms a template may have printed a string value in, most likely first."""
     value = values[occ.slot]
-    if isinstance(occ.form, tuple):  # an object
-        indent, base, separator = occ.form
-        for sort_keys in (False, True):
-            out = json.dumps(value, ensure_ascii=False, indent=indent, separators=(",", separator) if indent is not None
-                             else (", " if separator.endswith(" ") else ",", separator), sort_keys=sort_keys)
-            yield out.replace("\n", "\n" + base) if base else out
-        return
     yield value
     if isinstance(value, str):
         stripped = value.strip()

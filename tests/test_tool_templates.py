@@ -17,14 +17,13 @@ from _agent import (
     llama31_tokenizer,
     oracle,
     qwen3_tokenizer,
-    raw,
     with_generated_ids,
 )
 from _conv import tokenizer
-from prep.convert import convert_record, iter_conversations
+from prep.convert import convert_record
 from prep.encode import IGNORE_INDEX, Encoder
 from prep.render import BUILTIN_TEMPLATES, RenderFailure, Template, load_template, render, render_batch
-from schemas.conversation import Conversation, Message, ToolCall
+from schemas.conversation import Message, ToolCall
 from schemas.raw import RECORD_ADAPTERS
 
 REPO = Path(__file__).resolve().parents[1]
