@@ -18,10 +18,15 @@ $(VENV)/.installed-dev: $(VENV)/.installed-base
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+# MosaicML Streaming pins transformers<5 and numpy<2.2: it gets a side venv, read by tests/test_export.py.
+$(VENV)/.installed-streaming: $(VENV)/.installed-dev tests/_streaming_env.py
+	$(PY) tests/_streaming_env.py $(VENV)/streaming
+	touch $@
+
 demo: $(VENV)/.installed-base
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev $(VENV)/.installed-streaming
 	$(PY) -m pytest -q
 
 clean:

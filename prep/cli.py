@@ -93,6 +93,9 @@ def pack(
     overflow: Annotated[Optional[str], typer.Option(help="split | truncate | drop; default split.")] = None,
     pack: Annotated[Optional[bool], typer.Option("--pack/--no-pack", help="Pack several examples per row.",
                                                  show_default="pack")] = None,
+    pad_to_multiple_of: Annotated[Optional[int], typer.Option(
+        "--pad-to-multiple-of", help="Pad every example (masked, positions continuing) to a multiple of N tokens, "
+        "for context parallelism (N = 2 x CP size); default 1 (no padding).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the row shuffle, split and weights; default 0.")] = None,
     shard_size: Annotated[Optional[str], typer.Option("--shard-size", help="Target shard size; default 256MB.")] = None,
     add_special_tokens: Annotated[Optional[bool], typer.Option(
@@ -126,6 +129,30 @@ def pack(
     report = pack_shards(config, progress=sys.stderr.isatty())
     Console().print(render_pack_report(report))
     check_strict(config, report)
+
+
+@app.command()
+def export(
+    shards: Annotated[str, typer.Argument(help="Shard folder written by `prep pack` (every split is exported).")],
+    to: Annotated[str, typer.Option("--to", help="megatron | mds | parquet.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder of the export.")],
+    mds_shard_size: Annotated[str, typer.Option("--mds-shard-size", help="Size limit of each MDS shard file.")] = "64MiB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export folder.")] = False,
+) -> None:
+    """Export shards for Megatron (indexed dataset + Megatron-Bridge packed Parquet), MosaicML Streaming, Parquet."""
+    flags = dict(locals())
+    from rich.console import Console
+
+    from prep.errors import flag_error
+    from prep.export import export_shards, render_export
+    from pydantic import ValidationError
+    from schemas.export_config import ExportConfig
+
+    try:
+        config = ExportConfig(**flags)
+    except ValidationError as e:
+        raise flag_error(e) from None
+    Console().print(render_export(export_shards(config)))
 
 
 @app.command()

@@ -27,6 +27,7 @@ FORMAT_VERSION = 1
 SPLITS_FILE = "dataset_dict.json"  # marks a folder of split shard folders (train/, validation/)
 IGNORE_INDEX = -100
 SHARD_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lengths")
+UNPADDED_COLUMN = "seq_lengths_unpadded"  # real example lengths of shards packed with --pad-to-multiple-of N > 1
 LIST_INT32 = pa.list_(pa.int32())
 MASK_PATHS = ("sdpa", "eager")  # take an explicit 4D block-diagonal causal mask
 FLEX_PATHS = ("flex_attention",)  # take a BlockMask: masked-out blocks are skipped, not computed
@@ -253,7 +254,7 @@ class PackedDataset(torch.utils.data.Dataset):
         if shards.num_rows < world_size:
             raise ShardError(f"{shards.path}: {shards.num_rows} rows cannot feed {world_size} ranks: pack more data")
         self.shards, self.rank, self.world_size, self.seed, self.shuffle = shards, rank, world_size, seed, shuffle
-        self.columns = {name: _ListColumn(shards.table.column(name)) for name in SHARD_COLUMNS}
+        self.columns = {name: _ListColumn(shards.table.column(name)) for name in _row_columns(shards)}
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -296,6 +297,26 @@ def block_causal_mask(
     if dtype == torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def _row_columns(shards: Shards) -> tuple[str, ...]:
+    """The columns a row item carries: the shard columns, plus seq_lengths_unpadded when the shards are padded."""
+    return SHARD_COLUMNS + ((UNPADDED_COLUMN,) if UNPADDED_COLUMN in shards.table.column_names else ())
+
+
+def cu_seqlens_pair(seq_lengths: torch.Tensor, seq_lengths_unpadded: torch.Tensor | None = None):
+    """(cu_seqlens, cu_seqlens_padded), int32, of examples laid out one after another (a THD batch).
+
+    Transformer Engine's naming: `cu_seqlens` are the cumulative real lengths, `cu_seqlens_padded` the
+    cumulative lengths as laid out (with `--pad-to-multiple-of` padding). Shards store `seq_lengths`
+    (laid out) and, when padded, `seq_lengths_unpadded`; without padding both results are equal.
+
+    >>> [c.tolist() for c in cu_seqlens_pair(torch.tensor([4, 8]), torch.tensor([3, 5]))]
+    [[0, 3, 8], [0, 4, 12]]
+    """
+    real = seq_lengths if seq_lengths_unpadded is None else seq_lengths_unpadded
+    zero = torch.zeros(1, dtype=torch.int32, device=seq_lengths.device)
+    return tuple(torch.cat([zero, torch.cumsum(x, 0).to(torch.int32)]) for x in (real, seq_lengths))
 
 
 def example_index(position_ids: torch.Tensor) -> torch.Tensor:
@@ -509,6 +530,6 @@ class Collator:
 
 def iter_rows(shards: Shards) -> Iterator[dict[str, np.ndarray]]:
     """Every row in file order as dict of zero-copy int32 numpy arrays (for inspection and tests)."""
-    columns = {name: _ListColumn(shards.table.column(name)) for name in SHARD_COLUMNS}
+    columns = {name: _ListColumn(shards.table.column(name)) for name in _row_columns(shards)}
     for row in range(shards.num_rows):
         yield {name: col[row] for name, col in columns.items()}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -17,18 +17,24 @@ from prep.spill import ExampleStore, concat_ranges
 
 PACKED_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lengths")
 UNPACKED_COLUMNS = (*PACKED_COLUMNS, "attention_mask")
+UNPADDED_COLUMN = "seq_lengths_unpadded"  # the real example lengths, present when examples are padded
+IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
 class PackPlan:
     """Rows as runs of example indices: row r holds `order[row_offsets[r]:row_offsets[r + 1]]`.
 
-    `strategy` is "bfd" for packed rows and "none" for one example per row (`--no-pack`).
+    `strategy` is "bfd" for packed rows and "none" for one example per row (`--no-pack`). With
+    `pad_to_multiple_of` N > 1 every example is laid out padded to a multiple of N tokens with `pad_id`
+    (labels -100, position_ids continuing), as context-parallel attention needs (`pad_examples`).
     """
 
     order: np.ndarray  # int64, example indices in row order
     row_offsets: np.ndarray  # int64, len = rows + 1
     strategy: str = "bfd"
+    pad_to_multiple_of: int = 1
+    pad_id: int = 0
 
     @property
     def packed(self) -> bool:
@@ -44,11 +50,40 @@ class PackPlan:
         """Example indices of row `r`, in the order they are laid out."""
         return self.order[self.row_offsets[r] : self.row_offsets[r + 1]]
 
+    @property
+    def padded(self) -> bool:
+        """True when examples are padded to a multiple of `pad_to_multiple_of` (> 1)."""
+        return self.pad_to_multiple_of > 1
+
     def row_tokens(self, lengths: np.ndarray) -> np.ndarray:
-        """Tokens per row (int64), given the example lengths."""
-        per_slot = np.asarray(lengths, dtype=np.int64)[self.order]
+        """Tokens per row (int64) as laid out (padding included), given the real example lengths."""
+        per_slot = padded_lengths(lengths, self.pad_to_multiple_of)[self.order]
         cum = np.concatenate(([0], np.cumsum(per_slot)))
         return cum[self.row_offsets[1:]] - cum[self.row_offsets[:-1]]
+
+
+def padded_lengths(lengths: np.ndarray, multiple: int) -> np.ndarray:
+    """Each length rounded up to a multiple of `multiple` (int64).
+
+    >>> padded_lengths(np.array([1, 8, 9]), 8).tolist()
+    [8, 8, 16]
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return -(-lengths // multiple) * multiple
+
+
+def with_padding(plan: PackPlan, multiple: int, pad_id: int) -> PackPlan:
+    """The same rows with every example padded to a multiple of `multiple` tokens using `pad_id`.
+
+    Plan the rows on `padded_lengths` so that they still fit; `build_rows` lays the padding out.
+
+    >>> lengths = np.array([3, 9])
+    >>> with_padding(plan_bfd(padded_lengths(lengths, 8), 16), 8, pad_id=0).row_tokens(lengths).tolist()
+    [16, 8]
+    """
+    if multiple < 1:
+        raise ConfigError(f"--pad-to-multiple-of must be >= 1, got {multiple}")
+    return replace(plan, pad_to_multiple_of=multiple, pad_id=pad_id)
 
 
 def plan_bfd(lengths: np.ndarray, max_len: int) -> PackPlan:
@@ -187,7 +222,7 @@ def shuffle_rows(plan: PackPlan, seed: int) -> PackPlan:
     starts = plan.row_offsets[:-1][perm]
     new_offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
     order = plan.order[concat_ranges(starts, sizes)]
-    return PackPlan(order=order, row_offsets=new_offsets, strategy=plan.strategy)
+    return replace(plan, order=order, row_offsets=new_offsets)
 
 
 def plan_unpacked(n: int, seed: int) -> PackPlan:
@@ -204,7 +239,9 @@ def build_rows(store: ExampleStore, plan: PackPlan, rows: slice) -> pa.Table:
     """Gather rows `rows` of the plan from the store as an Arrow table in the shard schema.
 
     Columns (all list<int32>): input_ids, labels, position_ids (restart at 0 per example),
-    seq_lengths, and attention_mask (all ones) when the plan is unpacked.
+    seq_lengths, and attention_mask (all ones) when the plan is unpacked. A padded plan lays each example
+    out padded (see `pad_examples`): seq_lengths are then the padded lengths, and `seq_lengths_unpadded`
+    holds the real ones.
 
     Args:
         store: the spilled examples.
@@ -227,6 +264,9 @@ def build_rows(store: ExampleStore, plan: PackPlan, rows: slice) -> pa.Table:
     examples = plan.order[plan.row_offsets[start] : plan.row_offsets[stop]]
     examples_per_row = plan.row_offsets[start : stop + 1] - plan.row_offsets[start]  # offsets into `examples`
     input_ids, labels, lengths = store.gather(examples)
+    real_lengths = lengths
+    if plan.padded:
+        input_ids, labels, lengths = pad_examples(input_ids, labels, lengths, plan.pad_to_multiple_of, plan.pad_id)
     example_starts = np.concatenate(([0], np.cumsum(lengths)))  # token offset of each example, then the end
     token_offsets = example_starts[examples_per_row]
     position_ids = np.arange(len(input_ids)) - np.repeat(example_starts[:-1], lengths)
@@ -238,7 +278,32 @@ def build_rows(store: ExampleStore, plan: PackPlan, rows: slice) -> pa.Table:
     ]
     if not plan.packed:
         columns.append(_list_column(token_offsets, np.ones(len(input_ids), dtype=np.int32)))
-    return pa.Table.from_arrays(columns, schema=shard_schema(plan.packed))
+    if plan.padded:
+        columns.append(_list_column(examples_per_row, real_lengths))
+    return pa.Table.from_arrays(columns, schema=shard_schema(plan.packed, plan.padded))
+
+
+def pad_examples(
+    input_ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, multiple: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad every example (concatenated in `input_ids`/`labels`) at its end to a multiple of `multiple` tokens.
+
+    Pad tokens get `pad_id` and label -100; the example keeps them, so its position_ids simply continue.
+
+    Returns:
+        (input_ids int32, labels int32, padded lengths int64).
+
+    >>> ids, labels, lengths = pad_examples(np.array([5, 6, 7]), np.array([-100, 6, -100]), np.array([2, 1]), 2, 0)
+    >>> ids.tolist(), labels.tolist(), lengths.tolist()
+    ([5, 6, 7, 0], [-100, 6, -100, -100], [2, 2])
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    padded = padded_lengths(lengths, multiple)
+    where = concat_ranges(np.cumsum(padded) - padded, lengths)  # the real tokens' places in the padded layout
+    out_ids = np.full(int(padded.sum()), pad_id, dtype=np.int32)
+    out_labels = np.full(len(out_ids), IGNORE_INDEX, dtype=np.int32)
+    out_ids[where], out_labels[where] = input_ids, labels
+    return out_ids, out_labels, padded
 
 
 def _list_column(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
@@ -248,10 +313,18 @@ def _list_column(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int32, copy=False)))
 
 
-def shard_schema(packed: bool) -> pa.Schema:
+def shard_columns(packed: bool, padded: bool = False) -> tuple[str, ...]:
+    """The shard column names, in order: packed or not, with `seq_lengths_unpadded` when examples are padded.
+
+    >>> shard_columns(True, padded=True)
+    ('input_ids', 'labels', 'position_ids', 'seq_lengths', 'seq_lengths_unpadded')
+    """
+    return (*(PACKED_COLUMNS if packed else UNPACKED_COLUMNS), *((UNPADDED_COLUMN,) if padded else ()))
+
+
+def shard_schema(packed: bool, padded: bool = False) -> pa.Schema:
     """The Arrow schema of shard rows: every column list<int32> (no metadata)."""
-    names = PACKED_COLUMNS if packed else UNPACKED_COLUMNS
-    return pa.schema([pa.field(n, pa.list_(pa.int32())) for n in names])
+    return pa.schema([pa.field(n, pa.list_(pa.int32())) for n in shard_columns(packed, padded)])
 
 
 def packing_stats(plan: PackPlan, lengths: np.ndarray, max_len: int) -> dict:

@@ -28,7 +28,7 @@ from prep.convert import iter_conversations, relaxed_gc
 from prep.encode import EncodeResult, Encoder
 from prep.errors import AccountingError, ConfigError, PrepError, flag_error
 from prep.fieldmap import parse_fields
-from prep.pack import plan_bfd, plan_unpacked, shuffle_rows
+from prep.pack import padded_lengths, plan_bfd, plan_unpacked, shuffle_rows, with_padding
 from prep.read import expand_inputs
 from prep.recipe import copies, load_recipe, repeat, validation_hashes, with_system
 from prep.render import Template, load_template, template_sha256
@@ -429,7 +429,7 @@ def _write_single(run: _Run, report: PackReport, store: ExampleStore, rejects_pa
         run.tokenizer.save_pretrained(tmp / "tokenizer")
         shutil.move(str(rejects_path), tmp / REJECTS_FILE)
 
-    report.manifest = write_shards(store, _plan(store, config), config.output, max_len=config.max_len,
+    report.manifest = write_shards(store, _plan(store, config, _pad_id(run)), config.output, max_len=config.max_len,
                                    seed=config.seed, shard_size=config.shard_size, manifest_extra=extra,
                                    overwrite=config.overwrite, before_commit=before_commit)
     report.split_manifests["train"] = report.manifest
@@ -442,7 +442,7 @@ def _write_splits(run: _Run, report: PackReport, stores: dict[str, ExampleStore]
         for split, store in stores.items():
             fingerprint = hashlib.sha256(f"{run.fingerprint}:{split}".encode()).hexdigest()
             report.split_manifests[split] = write_shards(
-                store, _plan(store, config), tmp / split, max_len=config.max_len, seed=config.seed,
+                store, _plan(store, config, _pad_id(run)), tmp / split, max_len=config.max_len, seed=config.seed,
                 shard_size=config.shard_size, manifest_extra=_manifest_extra(run, report, split, fingerprint),
                 before_commit=lambda t: run.tokenizer.save_pretrained(t / "tokenizer"))
         shutil.move(str(rejects_path), tmp / REJECTS_FILE)
@@ -691,11 +691,24 @@ def _check_accounting(report: PackReport) -> None:
             )
 
 
-def _plan(store: ExampleStore, config: PackConfig) -> Any:
-    """The row plan: best-fit-decreasing then a seeded row shuffle, or one example per row."""
+def _plan(store: ExampleStore, config: PackConfig, pad_id: int) -> Any:
+    """The row plan: best-fit-decreasing then a seeded row shuffle, or one example per row; with
+    `--pad-to-multiple-of N` the rows are planned on the padded lengths and the examples laid out padded."""
+    n = config.pad_to_multiple_of
     if not config.pack:
-        return plan_unpacked(len(store), config.seed)
-    return shuffle_rows(plan_bfd(store.lengths, config.max_len), config.seed)
+        plan = plan_unpacked(len(store), config.seed)
+    else:
+        plan = shuffle_rows(plan_bfd(padded_lengths(store.lengths, n), config.max_len), config.seed)
+    return with_padding(plan, n, pad_id) if n > 1 else plan
+
+
+def _pad_id(run: _Run) -> int:
+    """The token that pads examples: the tokenizer's pad token, else eos, else 0 (the manifest's pad_token_id)."""
+    tokenizer = run.tokenizer
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
 
 
 def _describe_input(path: str) -> dict[str, Any]:
@@ -734,6 +747,8 @@ def _options(run: _Run) -> dict[str, Any]:
     for key in ("val_fraction", "val_size", "fields"):
         if options[key] is None:
             del options[key]
+    if options["pad_to_multiple_of"] == 1:  # fingerprints of unpadded runs stay what they were
+        del options["pad_to_multiple_of"]
     if len(run.sources) == 1:
         options["format"] = run.sources[0].format
     return options

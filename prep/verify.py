@@ -39,6 +39,7 @@ FORMAT_VERSION = 1
 IGNORE_INDEX = -100
 PACKED_COLUMNS = ["input_ids", "labels", "position_ids", "seq_lengths"]
 UNPACKED_COLUMNS = [*PACKED_COLUMNS, "attention_mask"]
+UNPADDED_COLUMN = "seq_lengths_unpadded"  # with --pad-to-multiple-of N > 1: the real example lengths
 TOKEN_COLUMNS = ("labels", "position_ids", "attention_mask")  # aligned with input_ids, token by token
 LIST_INT32 = pa.list_(pa.int32())
 MANIFEST = "manifest.json"
@@ -82,6 +83,7 @@ class _Totals:
     tokens: int = 0
     trained: int = 0
     examples: int = 0
+    padding: int = 0
     complete: bool = True
 
 
@@ -136,6 +138,8 @@ def verify_shards(path: str | Path, limit: int = 10, threads: int | None = None)
         report.problems = problems.finish()
         return report
     columns = PACKED_COLUMNS if manifest["packed"] else UNPACKED_COLUMNS
+    if _pad_multiple(manifest) > 1:
+        columns = [*columns, UNPADDED_COLUMN]
     if manifest["columns"] != columns:
         problems.add(MANIFEST, None, "columns", f"columns are {manifest['columns']}, expected {columns}")
     totals = _Totals()
@@ -246,7 +250,8 @@ def _check_totals(manifest: dict[str, Any], totals: _Totals, problems: _Problems
     counts = manifest["counts"]
     found = {
         "rows": totals.rows,
-        "tokens": totals.tokens,
+        "tokens": totals.tokens - totals.padding,
+        "padding_tokens": totals.padding,
         "examples": totals.examples,
         "trained_tokens": totals.trained,
     }
@@ -295,6 +300,7 @@ def _verify_shard(
     totals.rows += shard.rows if shard.complete else int(entry.get("rows") or 0)
     totals.tokens, totals.trained = totals.tokens + shard.tokens, totals.trained + shard.trained
     totals.examples += shard.examples
+    totals.padding += shard.padding
     totals.complete &= shard.complete
     return file.stat().st_size
 
@@ -380,6 +386,8 @@ def _check_batch(
     cols = {n: _flat(batch.column(n)) for n in batch.schema.names}
     good = _check_rows(cols, where, manifest, problems)
     _check_tokens(cols, good, where, manifest, problems)
+    if UNPADDED_COLUMN in cols:
+        shard.padding += _check_padding(cols, good, where, manifest, problems)
     labels = cols["labels"][1]
     shard.tokens += len(cols["input_ids"][1])
     shard.trained += int(np.count_nonzero(labels != IGNORE_INDEX))
@@ -501,6 +509,53 @@ def _check_tokens(
         checks.append(("attention_mask", mask != 1, lambda i, p: f"attention_mask[{p}] is {mask[i]}, expected 1"))
     for check, bad, describe in checks:
         _report_tokens(problems, where, check, bad, rows, row_start, describe)
+
+
+def _pad_multiple(manifest: dict[str, Any]) -> int:
+    """The manifest's `pad_to_multiple_of` (1 for shards written before the option existed)."""
+    value = manifest.get("pad_to_multiple_of", 1)
+    return value if isinstance(value, int) and value >= 1 else 1
+
+
+def _check_padding(
+    cols: dict[str, tuple[np.ndarray, np.ndarray]],
+    good: np.ndarray,
+    where: _Where,
+    manifest: dict[str, Any],
+    problems: _Problems,
+) -> int:
+    """The padding invariants of `--pad-to-multiple-of N`; returns the pad tokens of the batch.
+
+    Per example: the padded length (seq_lengths) is a multiple of N and exceeds the real length
+    (seq_lengths_unpadded, >= 1) by less than N. Per pad token (the tail of each example): the pad id and
+    label -100. Positions continuing through the padding are the position_ids check itself.
+    """
+    multiple = _pad_multiple(manifest)
+    seq_off, seq = cols["seq_lengths"]
+    real_off, real = cols[UNPADDED_COLUMN]
+    counts_differ = np.diff(real_off) != np.diff(seq_off)
+    _report(problems, where, "padding", counts_differ,
+            lambda r: f"{UNPADDED_COLUMN} lists {np.diff(real_off)[r]} examples, seq_lengths {np.diff(seq_off)[r]}")
+    if counts_differ.any():
+        return 0
+    seq, real = seq.astype(np.int64), real.astype(np.int64)
+    bad = (seq % multiple != 0) | (real < 1) | (real > seq) | (seq - real >= multiple)
+    example_row = np.repeat(np.arange(len(seq_off) - 1), np.diff(seq_off))
+    _report(problems, where, "padding", np.bincount(example_row[bad], minlength=len(seq_off) - 1) > 0,
+            lambda r: f"seq_lengths {seq[seq_off[r]:seq_off[r + 1]].tolist()[:8]} are not "
+                      f"{UNPADDED_COLUMN} {real[real_off[r]:real_off[r + 1]].tolist()[:8]} padded to a multiple of {multiple}")
+    if bad.any() or not good.all():
+        return int(np.clip(seq - real, 0, None).sum())
+    pads = concat_ranges(np.cumsum(seq) - seq + real, seq - real)  # flat token index of every pad token
+    ids, labels = cols["input_ids"][1], cols["labels"][1]
+    pad_id = manifest["tokenizer"].get("pad_token_id")
+    wrong = (labels[pads] != IGNORE_INDEX) | ((ids[pads] != pad_id) if isinstance(pad_id, int) else False)
+    flags = _at(len(ids), pads, wrong)
+    row_start = np.concatenate(([0], np.cumsum(np.diff(cols["input_ids"][0]))))
+    _report_tokens(problems, where, "padding", flags, np.arange(len(good)), row_start,
+                   lambda i, p: f"pad token at [{p}] has id {ids[i]} and label {labels[i]}; "
+                                f"expected the pad id {pad_id} and -100")
+    return len(pads)
 
 
 def _at(n: int, index: np.ndarray, flags: np.ndarray) -> np.ndarray:

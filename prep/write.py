@@ -90,8 +90,9 @@ def plan_shards(row_bytes: np.ndarray, target_bytes: int) -> np.ndarray:
 def estimate_row_bytes(plan: PackPlan, lengths: np.ndarray) -> np.ndarray:
     """Approximate Arrow bytes of each row: 4 bytes per token per token column, plus seq_lengths and offsets."""
     token_columns = 3 if plan.packed else 4
-    columns = token_columns + 1
-    return plan.row_tokens(lengths) * 4 * token_columns + np.diff(plan.row_offsets) * 4 + 4 * columns
+    row_columns = 2 if plan.padded else 1  # seq_lengths (and seq_lengths_unpadded)
+    columns = token_columns + row_columns
+    return plan.row_tokens(lengths) * 4 * token_columns + np.diff(plan.row_offsets) * 4 * row_columns + 4 * columns
 
 
 def check_output(out_dir: str | Path, overwrite: bool) -> None:
@@ -215,7 +216,7 @@ def write_shards(
         if before_commit is not None:
             before_commit(tmp)
         # datasets can open the folder once these two exist, so they come after every shard is complete.
-        _write_datasets_files(tmp, names, plan.packed, manifest["fingerprint"])
+        _write_datasets_files(tmp, names, manifest["columns"], manifest["fingerprint"])
         write_json(tmp / "manifest.json", manifest)  # last: its presence marks a complete output
     return manifest
 
@@ -235,7 +236,8 @@ def _checked_row_tokens(plan: PackPlan, lengths: np.ndarray, max_len: int) -> np
 
 def _write_shard(store: ExampleStore, plan: PackPlan, path: Path, rows: range, tokens: int) -> dict:
     """Write rows as one Arrow IPC stream file in fixed-size record batches; return its manifest entry."""
-    schema = shard_schema(plan.packed).with_metadata(_hf_schema_metadata(plan.packed))
+    schema = shard_schema(plan.packed, plan.padded)
+    schema = schema.with_metadata(_hf_schema_metadata(schema.names))
     with open(path, "wb") as f:
         with pa.ipc.new_stream(f, schema) as writer:
             for start in range(rows.start, rows.stop, BATCH_ROWS):
@@ -248,7 +250,8 @@ def _write_shard(store: ExampleStore, plan: PackPlan, path: Path, rows: range, t
 
 def _our_manifest(store: ExampleStore, plan: PackPlan, *, max_len: int, seed: int, shards: list[dict]) -> dict:
     """The manifest parts this module knows."""
-    columns = list(shard_schema(plan.packed).names)
+    columns = list(shard_schema(plan.packed, plan.padded).names)
+    laid_out = int(sum(s["tokens"] for s in shards))
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -257,11 +260,13 @@ def _our_manifest(store: ExampleStore, plan: PackPlan, *, max_len: int, seed: in
         "max_len": max_len,
         "pack_strategy": plan.strategy,
         "seed": seed,
+        "pad_to_multiple_of": plan.pad_to_multiple_of,
         "columns": columns,
         "counts": {
             "examples": len(store),
             "rows": plan.num_rows,
             "tokens": store.num_tokens,
+            "padding_tokens": laid_out - store.num_tokens,
             "trained_tokens": int(store.trained_counts.sum(dtype=np.int64)),
         },
         "packing": packing_stats(plan, store.lengths, max_len),
@@ -291,24 +296,24 @@ def _fallback_fingerprint(manifest: dict) -> str:
     return hashlib.sha256(_json_bytes(manifest)).hexdigest()
 
 
-def _hf_features(packed: bool) -> dict:
+def _hf_features(columns: list[str]) -> dict:
     """datasets Features JSON for the shard columns.
 
     "Sequence" (not "List", which datasets >= 4 writes) because every datasets version reads it:
     datasets >= 4 maps Sequence(Value) to List(Value), and older versions know no "List".
     """
     feature = {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "Sequence"}
-    return {name: dict(feature) for name in shard_schema(packed).names}
+    return {name: dict(feature) for name in columns}
 
 
-def _hf_schema_metadata(packed: bool) -> dict[bytes, bytes]:
+def _hf_schema_metadata(columns: list[str]) -> dict[bytes, bytes]:
     """The `huggingface` schema metadata that datasets' ArrowWriter stores in each file."""
-    return {b"huggingface": json.dumps({"info": {"features": _hf_features(packed)}}).encode()}
+    return {b"huggingface": json.dumps({"info": {"features": _hf_features(columns)}}).encode()}
 
 
-def _write_datasets_files(tmp: Path, names: list[str], packed: bool, fingerprint: str) -> None:
+def _write_datasets_files(tmp: Path, names: list[str], columns: list[str], fingerprint: str) -> None:
     """dataset_info.json and state.json as `Dataset.save_to_disk` writes them."""
-    info = {"citation": "", "description": "", "features": _hf_features(packed), "homepage": "", "license": ""}
+    info = {"citation": "", "description": "", "features": _hf_features(columns), "homepage": "", "license": ""}
     state = {
         "_data_files": [{"filename": name} for name in names],
         "_fingerprint": fingerprint,

@@ -34,6 +34,8 @@ class PackConfig(BaseModel):
     expand_turns: ExpandTurns = Field("auto", description="one example per trained reply: auto (where the chat "
                                       "template renders a reply differently once later turns follow), off, all")
     pack: bool = Field(True, description="pack several examples per row (False: one per row, padded by the collator)")
+    pad_to_multiple_of: int = Field(1, ge=1, description="pad every example to a multiple of N tokens (context "
+                                    "parallelism: 2 x the CP size); 1 = no padding")
     seed: int = Field(0, description="seed of the row shuffle")
     shard_size: str = Field("256MB", description="target size of each shard file")
     add_special_tokens: bool = Field(False, description="register the template markers as special tokens")
@@ -52,4 +54,7 @@ class PackConfig(BaseModel):
     def _one_split_policy(self) -> "PackConfig":
         if self.val_fraction is not None and self.val_size is not None:
             raise ValueError("--val-fraction and --val-size exclude each other: give one")
+        if self.max_len % self.pad_to_multiple_of:
+            raise ValueError(f"--max-len {self.max_len} is not a multiple of --pad-to-multiple-of "
+                             f"{self.pad_to_multiple_of}: a padded example could not fit in a row")
         return self
