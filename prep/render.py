@@ -564,6 +564,7 @@ class _Parsed(NamedTuple):
     regions: dict[int, tuple[int, int]]
     reasoning_dropped: frozenset[int]
     rewritten: frozenset[int]
+    turn_ends: tuple[int, ...] = ()  # per occurrence: the end of the first special token in the text after it
 
 
 class _Skeleton(NamedTuple):
@@ -746,7 +747,48 @@ def _locate(messages: list[Message], tools: list[dict[str, Any]] | None, text: s
 def _skeleton(messages: Sequence[Message], tools: list[dict[str, Any]] | None, arg_form: str,
               placeholders: bool) -> _Skeleton:
     """The conversation with placeholders: every content and reasoning, and (with `placeholders`) every tool
-    call's name, arguments and id, every result's name and call id, and the tool definitions' values."""
+    call's name, arguments and id, every result's name and call id, and the tool definitions' values.
+
+    A conversation without tool data has the skeleton of its roles and reasoning shape: built once per shape
+    (cached), only its values are read per conversation.
+    """
+    if not tools and not _has_calls(messages):
+        shape = tuple((m.role, _fold_shape(m)) for m in messages)
+        cached = _PLAIN_SKELETONS.get(shape)
+        if cached is None:
+            cached = _build_skeleton(messages, tools, arg_form, placeholders)
+            if len(_PLAIN_SKELETONS) > _CACHE_LIMIT:
+                _PLAIN_SKELETONS.clear()
+            _PLAIN_SKELETONS[shape] = cached
+        return cached._replace(values=_plain_values(messages))
+    return _build_skeleton(messages, tools, arg_form, placeholders)
+
+
+_PLAIN_SKELETONS: dict[tuple[tuple[str, int], ...], _Skeleton] = {}
+
+
+def _fold_shape(m: Message) -> int:
+    """0: a content; 1: a folded reply; 2: a folded reasoning step without a reply."""
+    if m.role != "assistant" or not m.content.startswith(REASONING_OPEN):
+        return 0
+    parts = split_reasoning(m.content)
+    return 0 if parts is None else 1 if parts[1] else 2
+
+
+def _plain_values(messages: Sequence[Message]) -> list[Any]:
+    """The slot values of a conversation without tool data, in `_build_skeleton`'s order."""
+    values: list[Any] = []
+    for m in messages:
+        shape = _fold_shape(m)
+        values.append(m.content)
+        if shape == 1:
+            values.append(split_reasoning(m.content)[1])  # type: ignore[index]
+    return values
+
+
+def _build_skeleton(messages: Sequence[Message], tools: list[dict[str, Any]] | None, arg_form: str,
+                    placeholders: bool) -> _Skeleton:
+    """`_skeleton`, built."""
     b = SkeletonBuilder()
     n = len(messages)
     content: list[int | None] = [None] * n
@@ -830,7 +872,7 @@ def _parsed(tokenizer: Any, template: Template, skeleton: _Skeleton, info: _Temp
             special: re.Pattern[str] | None, cache: bool) -> _Parsed | RenderFailure:
     """Render and parse a skeleton, and find its tool-call messages' texts (cached per skeleton when `cache`)."""
     chat_template = _chat_template_for(template, skeleton.tools)
-    key = (chat_template, env_key, skeleton.key)
+    key = (chat_template, env_key if special is None else env_key + special.pattern, skeleton.key)
     found = _PARSED_CACHE.get(key) if cache else None
     if found is not None:
         return found
@@ -873,7 +915,11 @@ def _parse_skeleton(tokenizer: Any, chat_template: str, skeleton: _Skeleton, inf
             reasoning_dropped.discard(i)
         else:
             regions[i] = found
-    return _Parsed(walk, regions, frozenset(reasoning_dropped), frozenset(rewritten))
+    ends = []
+    for following in walk.literals[1:]:
+        end_of_turn = special.search(following) if special is not None else None
+        ends.append(end_of_turn.end() if end_of_turn else 0)
+    return _Parsed(walk, regions, frozenset(reasoning_dropped), frozenset(rewritten), tuple(ends))
 
 
 def _message_text(tokenizer: Any, chat_template: str, skeleton: _Skeleton, walk: Walk, i: int, info: _TemplateInfo,
@@ -951,9 +997,7 @@ def _spans(messages: list[Message], tools: list[dict[str, Any]] | None, text: st
                                      "render this tool result (it has no notion of tool messages)")
             dropped.append(i)
             continue
-        following = parsed.walk.literals[parsed.walk.first[slot] + 1]  # type: ignore[index]
-        end_of_turn = special.search(following) if special is not None else None
-        spans.append(Span(i, found[0], found[1], found[1] + end_of_turn.end() if end_of_turn else found[1]))
+        spans.append(Span(i, found[0], found[1], found[1] + parsed.turn_ends[parsed.walk.first[slot]]))  # type: ignore[index]
     spans.sort(key=lambda s: s.start)
     return Rendered(text, tuple(spans), tuple(dropped), tuple(reasoning_dropped), tuple(content_dropped),
                     rewritten=tuple(sorted(parsed.rewritten)))
