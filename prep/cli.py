@@ -19,6 +19,9 @@ SubsetOpt = Annotated[Optional[str], typer.Option(
     help="Subset (config) of hf://datasets/ inputs; default: the dataset's default.")]
 HubSplitOpt = Annotated[Optional[str], typer.Option(
     "--split", help="Split of hf://datasets/ inputs (a+b joins); default: the only split, else train.")]
+FieldOpt = Annotated[Optional[list[str]], typer.Option(
+    "--field", help="Read a field from another key, TARGET=SOURCE (repeatable): messages=traj, tools=functions, "
+                    "message.role=speaker; SOURCE may be a dotted path (data.turns).")]
 app = typer.Typer(
     name="prep",
     help="Turn raw instruction-tuning data into training-ready shards.",
@@ -41,6 +44,7 @@ def convert(
     dedup: Annotated[bool, typer.Option("--dedup", help="Drop exact duplicate conversations.")] = False,
     subset: SubsetOpt = None,
     split: HubSplitOpt = None,
+    fields: FieldOpt = None,
 ) -> None:
     """Convert raw SFT data (Alpaca, ShareGPT, OpenAI, transcripts) to unified conversations."""
     from rich.console import Console
@@ -49,7 +53,7 @@ def convert(
     from prep.report import render_report
 
     config = build_config(inputs=inputs, output=output, format=format, rejects=rejects, overwrite=overwrite,
-                          strict=strict, dedup=dedup, subset=subset, split=split)
+                          strict=strict, dedup=dedup, subset=subset, split=split, fields=fields)
     report = convert_files(config, progress=sys.stderr.isatty())
     console = Console()
     console.print(render_report(report))
@@ -109,6 +113,11 @@ def pack(
     trust_remote_code: RemoteCodeOpt = False,
     dedup: Annotated[Optional[bool], typer.Option("--dedup/--no-dedup", help="Drop exact duplicate conversations.",
                                                   show_default="no")] = None,
+    fields: FieldOpt = None,
+    expand_turns: Annotated[Optional[str], typer.Option(
+        "--expand-turns", help="auto | off | all: one example per trained reply, each with the turns before it as "
+                               "masked context (auto: only where the chat template renders a reply differently once "
+                               "later turns follow, e.g. Qwen3 dropping earlier reasoning); default auto.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Conversations per tokenizer call, at most.")] = 2048,
     batch_bytes: Annotated[Optional[str], typer.Option(
         "--batch-bytes", help="Message text per tokenizer call, at most (bounds memory); default 1MiB.")] = None,

@@ -4,12 +4,15 @@ Each format has one small pure function (the `CONVERTERS` registry) that maps it
 `Draft`: the turns in unified roles, plus `meta` that keeps whatever the unified form has no field
 for. One shared function, `finish`, then applies the rules, the same for every format:
 
-1. Trailing user turns (no answer) are removed and kept in `meta["trailing_user"]`.
+1. Trailing user turns and tool results (nothing follows to train) are removed and kept in
+   `meta["trailing_user"]` / `meta["trailing_tool"]`.
 2. Consecutive turns of the same role are merged, joined with a blank line ("\\n\\n"); the number of
-   merges is kept in `meta["merged_turns"]`.
+   merges is kept in `meta["merged_turns"]`. Tool results are never merged; consecutive assistant
+   messages merge into one that keeps the content first and the tool calls after it (a reasoning-only
+   step folds into the reply after it).
 3. A conversation whose first non-system turn is an assistant turn is rejected (`starts_with_assistant`).
 4. `schemas.conversation.conversation_problems` checks the rest: at least one assistant turn,
-   non-empty responses, a system message only first.
+   non-empty responses, a system message only first, tool results after a call, calls to known tools.
 
 Unified records are not repaired: they are accepted as they are (keeping their id, source and meta)
 or rejected. The pipeline is `read -> validate -> convert -> sink`; `convert_files` runs it for the
@@ -32,22 +35,26 @@ import pydantic_core
 from pydantic import ValidationError
 
 from prep.errors import AccountingError, ConfigError, PrepError, flag_error
+from prep.fieldmap import parse_fields
 from prep.read import BATCH_SIZE, expand_inputs
 from prep.report import Counts, Report
 from prep.sink import JsonlSink, ParquetSink, check_outputs
 from prep.validate import STAGE, ValidatedBatch, raw_text, validate_file
 from schemas.config import ConvertConfig
+from prep.toolcalls import Unconvertible, parse_call_text, parse_calls, parse_tools
 from schemas.conversation import (
     REASONING_CLOSE,
     REASONING_OPEN,
     Conversation,
     Message,
     SourceRef,
+    ToolCall,
     content_hash,
     conversation_problems,
+    split_reasoning,
 )
 from schemas.raw import (
-    TOOL_ROLES,
+    TOOL_CALL,
     AlpacaRecord,
     OpenAIMessage,
     OpenAIRecord,
@@ -66,26 +73,34 @@ _to_json = pydantic_core.to_json
 
 
 class Turn(NamedTuple):
-    """One message while converting: unified role, content, its path in the raw record, training override."""
+    """One message while converting: unified role, content, its path in the raw record, training override, and
+    the tool fields of schemas.conversation.Message (calls of an assistant; function name and call id of a result)."""
 
     role: str
     content: str
     src: str = ""
     train: bool | None = None
+    tool_calls: list[ToolCall] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
 
 
 class Draft(NamedTuple):
-    """A converter's output: turns and meta; unified records also carry their id and source."""
+    """A converter's output: turns, meta and tools; unified records also carry their id and source."""
 
     turns: list[Turn]
     meta: dict[str, Any]
     id: str | None = None
     source: dict[str, Any] | None = None
     repair: bool = True
+    tools: list[dict[str, Any]] | None = None
 
 
 class Accepted(NamedTuple):
-    """A conversation that passed the rules, in the light form the hot path serializes directly."""
+    """A conversation that passed the rules, in the light form the hot path serializes directly.
+
+    `calls`/`results` count its tool calls and tool messages; `trimmed_tool` says trailing results were removed.
+    """
 
     id: str
     hash: str
@@ -94,14 +109,10 @@ class Accepted(NamedTuple):
     meta: dict[str, Any]
     merged: int
     trimmed: bool
-
-
-class Unconvertible(Exception):
-    """A converter cannot map a record (e.g. a transcript without role markers)."""
-
-    def __init__(self, field: str, message: str, reason: str):
-        super().__init__(message)
-        self.field, self.message, self.reason = field, message, reason
+    tools: list[dict[str, Any]] | None = None
+    calls: int = 0
+    results: int = 0
+    trimmed_tool: bool = False
 
 
 # --- one converter per format ---------------------------------------------------------------
@@ -169,6 +180,8 @@ def _message_fields(turns: list[Turn], messages: Sequence[Any], meta: dict[str, 
             if reasoning:
                 turns[i] = turns[i]._replace(content=fold_reasoning(reasoning, turns[i].content))
                 folded += 1
+        if turns[i].name is not None:
+            extra.pop("name", None)  # a tool result's function name is a field of the unified message
         if extra:
             kept[turns[i].src] = extra
     if kept:
@@ -178,29 +191,37 @@ def _message_fields(turns: list[Turn], messages: Sequence[Any], meta: dict[str, 
 
 
 def sharegpt_turns(r: ShareGPTRecord) -> Draft:
-    """ShareGPT: role aliases mapped (tool call -> assistant, tool result -> user); tool roles kept in meta.
+    """ShareGPT: role aliases mapped; a `function_call` turn's value (JSON) becomes the calls of an assistant
+    message, an `observation` turn a `tool` message; `tools` (a list or its JSON text) becomes the tools.
 
     >>> d = sharegpt_turns(ShareGPTRecord.model_validate({"conversations": [
-    ...     {"from": "human", "value": "Weather?"}, {"from": "function_call", "value": "{}"},
-    ...     {"from": "observation", "value": "sun"}, {"from": "gpt", "value": "Sunny."}]}))
-    >>> [t.role for t in d.turns], d.meta["original_roles"][1]
-    (['user', 'assistant', 'user', 'assistant'], 'function_call')
+    ...     {"from": "human", "value": "Weather?"}, {"from": "function_call", "value": '{"name": "w"}'},
+    ...     {"from": "observation", "value": "sun"}, {"from": "gpt", "value": "Sunny."}], "tools": '[{"name": "w"}]'}))
+    >>> [t.role for t in d.turns], d.turns[1].tool_calls[0].name, d.tools[0]["function"]["name"]
+    (['user', 'assistant', 'tool', 'assistant'], 'w', 'w')
     """
-    turns = [Turn(unified_role(m.from_), m.value, f"conversations[{i}]") for i, m in enumerate(r.conversations)]
+    turns = []
+    for i, m in enumerate(r.conversations):
+        role = unified_role(m.from_)
+        if role == TOOL_CALL:
+            path = f"conversations[{i}]"
+            turns.append(Turn("assistant", "", path, tool_calls=parse_call_text(m.value, f"{path}.value")))
+        else:
+            turns.append(Turn(role, m.value, f"conversations[{i}]"))
     meta = _extras(r)
     _message_fields(turns, r.conversations, meta)
-    if any(m.from_.lower() in TOOL_ROLES for m in r.conversations):
-        meta["original_roles"] = [m.from_ for m in r.conversations]
     if r.system:
         turns.insert(0, Turn("system", r.system, "system"))
-    return Draft(turns, meta)
+    return Draft(turns, meta, tools=parse_tools(r.tools, "tools"))
 
 
 def openai_turns(r: OpenAIRecord) -> Draft:
-    """OpenAI messages: tool results -> user; an assistant's tool calls are appended to its content as JSON.
+    """OpenAI messages: `tool_calls` (or a legacy `function_call`) become the message's calls, `tool`/`function`
+    messages tool results, `tools` (or the legacy `functions`) the tools.
 
-    A list `content` is its text parts joined (as chat templates print them); an assistant message's `weight`
-    becomes its training override (0: not trained, 1: trained).
+    A list `content` is its text parts joined (as chat templates print them), with `reasoning` parts folded in
+    front and `tool_call` parts as calls; an assistant message's `weight` becomes its training override (0: not
+    trained, 1: trained).
 
     >>> d = openai_turns(OpenAIRecord.model_validate({"messages": [
     ...     {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
@@ -208,38 +229,62 @@ def openai_turns(r: OpenAIRecord) -> Draft:
     >>> [(t.role, t.content, t.train) for t in d.turns]
     [('system', 'Be brief.', None), ('user', 'Hi', None), ('assistant', 'Hello!', False)]
     """
-    turns, tools = message_turns(r.messages, "messages")
+    turns = message_turns(r.messages, "messages")
     meta = _extras(r)
     _message_fields(turns, r.messages, meta)
-    if tools:
-        meta["original_roles"] = [m.role for m in r.messages]
-    return Draft(turns, meta)
+    key = "tools" if r.tools is not None or r.functions is None else "functions"
+    if key == "tools" and r.functions is not None:
+        meta["functions"] = r.functions
+    return Draft(turns, meta, tools=parse_tools(getattr(r, key), key))
 
 
-def message_turns(messages: list[OpenAIMessage], prefix: str) -> tuple[list[Turn], bool]:
-    """OpenAI-style messages as turns (each turn's path `prefix[i]`), and whether any of them is tool traffic."""
+def message_turns(messages: list[OpenAIMessage], prefix: str) -> list[Turn]:
+    """OpenAI-style messages as turns (each turn's path `prefix[i]`)."""
     turns = []
-    tools = False
     for i, m in enumerate(messages):
         role = unified_role(m.role)
         path = f"{prefix}[{i}]"
-        text = m.content if m.content is None or m.content.__class__ is str else _text_parts(m.content, path)
-        calls = m.tool_calls if m.tool_calls is not None else ([m.function_call] if m.function_call else None)
-        content = _join([text or "", _to_json(calls).decode()]) if calls else text or ""
-        tools = tools or bool(calls) or m.role.lower() in TOOL_ROLES
+        content, calls = m.content, None
+        if content.__class__ is not str:
+            content, calls = ("", None) if content is None else _parts(content, path, role)
+        if m.tool_calls is not None or m.function_call is not None:
+            key = "tool_calls" if m.tool_calls is not None else "function_call"
+            calls = (calls or []) + parse_calls(getattr(m, key), f"{path}.{key}")
         train = bool(m.weight) if m.weight is not None and role == "assistant" else None
-        turns.append(Turn(role, content, path, train))
-    return turns, tools
+        if role == "tool":
+            extra = m.__pydantic_extra__
+            name = extra.get("name") if extra and isinstance(extra.get("name"), str) else None
+            turns.append(Turn(role, content, path, train, None, name, m.tool_call_id))
+        else:
+            turns.append(Turn(role, content, path, train, calls) if calls else Turn(role, content, path, train))
+    return turns
 
 
-def _text_parts(parts: list[Any], path: str) -> str:
-    """The text of a list `content`; any other kind of part (image, audio, file) cannot become SFT text."""
+REASONING_PARTS = ("reasoning", "thinking")
+
+
+def _parts(parts: list[Any], path: str, role: str) -> tuple[str, list[ToolCall] | None]:
+    """The text and calls of a list `content`: `text` parts joined, `reasoning` parts folded in front (an assistant's),
+    `tool_call` parts as calls; any other kind of part (image, audio, file) cannot become SFT text."""
+    texts, reasoning, calls = [], [], []
     for j, part in enumerate(parts):
-        if part.type != "text" or part.text is None:
-            raise Unconvertible(f"{path}.content[{j}]", f"content part of type {part.type!r} is not "
-                                "text (prep prepares text-only data); only {'type': 'text', 'text': ...} parts "
-                                "are accepted", "unsupported_content")
-    return "".join(part.text for part in parts)
+        kind, body = part.type, part.body
+        where = f"{path}.content[{j}]"
+        if kind == "text" and isinstance(body, str):
+            texts.append(body)
+        elif kind in REASONING_PARTS and isinstance(body, str) and role == "assistant":
+            reasoning.append(body)
+        elif kind == "tool_call" and role == "assistant" and body is not None:
+            calls += parse_call_text(body, f"{where}.{'text' if part.text is not None else 'value'}")
+        else:
+            got = "without a text (or value) string" if kind == "text" else f"of type {kind!r}"
+            raise Unconvertible(where, f"content part {got} is not text (prep prepares text-only data); accepted: "
+                                "{'type': 'text', 'text' or 'value': ...}, and in assistant messages 'reasoning' "
+                                "and 'tool_call' parts", "unsupported_content")
+    text = "".join(texts)
+    if reasoning:
+        text = fold_reasoning("".join(reasoning), text)
+    return text, calls or None
 
 
 def prompt_completion_turns(r: PromptCompletionRecord) -> Draft:
@@ -255,27 +300,24 @@ def prompt_completion_turns(r: PromptCompletionRecord) -> Draft:
     ([('user', 'Sky?'), ('assistant', ' Blue.')], {'rejected': ' Green.'})
     """
     key = "completion" if r.completion is not None else "chosen"
-    prompt, prompt_messages, prompt_tools = _side(r.prompt, "user", "prompt")
-    answer, answer_messages, answer_tools = _side(getattr(r, key), "assistant", key)
+    prompt, prompt_messages = _side(r.prompt, "user", "prompt")
+    answer, answer_messages = _side(getattr(r, key), "assistant", key)
     if prompt and [t[:2] for t in answer[: len(prompt)]] == [t[:2] for t in prompt]:
         prompt, prompt_messages = [], []
     turns = [t._replace(train=False) if t.role == "assistant" and t.train is None else t for t in prompt] + answer
     messages = prompt_messages + answer_messages
     meta = _extras(r)
     _message_fields(turns, messages, meta)
-    if prompt_tools or answer_tools:
-        meta["original_roles"] = [m.role if m is not None else t.role for t, m in zip(turns, messages, strict=True)]
-    return Draft(turns, meta)
+    return Draft(turns, meta, tools=parse_tools(r.tools, "tools"))
 
 
-def _side(value: str | list[Any] | None, role: str, key: str) -> tuple[list[Turn], list[Any], bool]:
-    """One side of a prompt-completion record as (turns, the message of each turn or None, has tool traffic)."""
+def _side(value: str | list[Any] | None, role: str, key: str) -> tuple[list[Turn], list[Any]]:
+    """One side of a prompt-completion record as (turns, the message of each turn or None)."""
     if value is None:
-        return [], [], False
+        return [], []
     if isinstance(value, str):
-        return [Turn(role, value, key)], [None], False
-    turns, tools = message_turns(value, key)
-    return turns, value, tools
+        return [Turn(role, value, key)], [None]
+    return message_turns(value, key), value
 
 
 # Transcript markers, one style per record (the style whose marker comes first is used).
@@ -370,9 +412,10 @@ def unified_turns(r: UnifiedRecord) -> Draft:
     >>> d.id, d.repair
     ('x', False)
     """
-    turns = [Turn(m.role, m.content, f"messages[{i}]", m.train) for i, m in enumerate(r.messages)]
+    turns = [Turn(m.role, m.content, f"messages[{i}]", m.train, m.tool_calls, m.name, m.tool_call_id)
+             for i, m in enumerate(r.messages)]
     source = r.source.model_dump() if r.source is not None else None
-    return Draft(turns, dict(r.meta), r.id, source, repair=False)
+    return Draft(turns, dict(r.meta), r.id, source, repair=False, tools=parse_tools(r.tools, "tools"))
 
 
 CONVERTERS: dict[str, Callable[[Any], Draft]] = {
@@ -389,10 +432,10 @@ CONVERTERS: dict[str, Callable[[Any], Draft]] = {
 
 
 def normalize_turns(turns: list[Turn]) -> tuple[list[Turn], int, list[Turn]]:
-    """Remove trailing user turns, then merge consecutive same-role turns.
+    """Remove trailing user turns and tool results, then merge consecutive same-role turns (tool results excepted).
 
     Returns:
-        (turns, number of merges, removed trailing user turns).
+        (turns, number of merges, removed trailing turns).
 
     >>> kept, merged, trailing = normalize_turns([Turn("user", "a"), Turn("user", "b"),
     ...                                           Turn("assistant", "c"), Turn("user", "d")])
@@ -400,21 +443,42 @@ def normalize_turns(turns: list[Turn]) -> tuple[list[Turn], int, list[Turn]]:
     (['a\\n\\nb', 'c'], 1, ['d'])
     """
     end = len(turns)
-    while end and turns[end - 1].role == "user":
+    while end and turns[end - 1].role in ("user", "tool"):
         end -= 1
     trailing = turns[end:]
     if trailing:
         turns = turns[:end]
-    if all(a.role != b.role for a, b in pairwise(turns)):
+    if all(a.role != b.role or a.role == "tool" for a, b in pairwise(turns)):
         return turns, 0, trailing
     merged: list[list[Turn]] = []
     for turn in turns:
-        if merged and merged[-1][0].role == turn.role:
+        if merged and merged[-1][0].role == turn.role and turn.role != "tool" and _mergeable(merged[-1][-1], turn):
             merged[-1].append(turn)
         else:
             merged.append([turn])
-    out = [g[0] if len(g) == 1 else g[0]._replace(content=_join(t.content for t in g)) for g in merged]
+    out = [g[0] if len(g) == 1 else _merge(g) for g in merged]
     return out, len(turns) - len(out), trailing
+
+
+def _mergeable(a: Turn, b: Turn) -> bool:
+    """Whether turn `b` may join the turn `a` it follows: not content after a tool call (its result is missing)."""
+    return not a.tool_calls or not b.content
+
+
+def _merge(group: list[Turn]) -> Turn:
+    """Consecutive turns of one role as one: contents joined with a blank line (a reasoning-only step is folded
+    in front of the reply after it), tool calls in order."""
+    content = ""
+    for t in group:
+        content = content + t.content if _is_reasoning_only(content) else _join((content, t.content))
+    calls = [c for t in group for c in (t.tool_calls or ())]
+    return group[0]._replace(content=content, tool_calls=calls or None)
+
+
+def _is_reasoning_only(content: str) -> bool:
+    """A folded reply whose reply part is empty (a reasoning step)."""
+    parts = split_reasoning(content)
+    return parts is not None and not parts[1]
 
 
 def finish(draft: Draft, path: str, line: int, format: str, raw: Any = None) -> Accepted | Reject:
@@ -427,38 +491,46 @@ def finish(draft: Draft, path: str, line: int, format: str, raw: Any = None) -> 
     Returns:
         Accepted, or a Reject naming every rule broken.
     """
-    turns, meta, merged, trimmed = draft.turns, draft.meta, 0, False
+    turns, meta, merged, trimmed, trimmed_tool = draft.turns, draft.meta, 0, False, False
     if _is_clean(turns):
         # Fast path: a clean conversation satisfies every rule (conversation_problems would return []).
-        digest = content_hash(turns)  # type: ignore[arg-type]  # Turn has .role and .content
+        digest = content_hash(turns, draft.tools)  # type: ignore[arg-type]  # Turn has the fields hashed
         source = {"path": path, "line": line, "format": format} if draft.repair else draft.source
-        return Accepted(draft.id or digest, digest, source, turns, meta, 0, False)
+        return Accepted(draft.id or digest, digest, source, turns, meta, 0, False, draft.tools)
     if draft.repair:
         turns, merged, trailing = normalize_turns(turns)
         if merged:
             meta["merged_turns"] = merged
-        if trailing:
-            meta["trailing_user"] = [t.content for t in trailing]
+        if any(t.role == "user" for t in trailing):
+            meta["trailing_user"] = [t.content for t in trailing if t.role == "user"]
             trimmed = True
+        if any(t.role == "tool" for t in trailing):
+            meta["trailing_tool"] = [t.content for t in trailing if t.role == "tool"]
+            trimmed_tool = True
         first = 1 if turns and turns[0].role == "system" else 0
         if len(turns) > first and turns[first].role == "assistant":
             problem = (f"messages[{first}].role", "the first turn after the system prompt is an assistant turn",
                        "starts_with_assistant")
             return _rules_reject([problem], turns, path, line, format, raw)
-    problems = conversation_problems(turns)  # type: ignore[arg-type]  # Turn has .role and .content
+    problems = conversation_problems(turns, draft.tools)  # type: ignore[arg-type]  # Turn has the fields checked
     if problems:
-        if trimmed and problems[0][2] == "no_assistant_turn":
-            problems = [("$", f"no assistant turn (after removing {len(meta['trailing_user'])} trailing user turn(s))",
-                         "no_assistant_turn")]
+        if trailing_count := len(meta.get("trailing_user", ())) + len(meta.get("trailing_tool", ())):
+            if problems[0][2] == "no_assistant_turn":
+                problems = [("$", f"no assistant turn (after removing {trailing_count} trailing user turn(s) and "
+                             "tool result(s))" if trimmed_tool else f"no assistant turn (after removing "
+                             f"{trailing_count} trailing user turn(s))", "no_assistant_turn")]
         return _rules_reject(problems, turns, path, line, format, raw)
-    digest = content_hash(turns)  # type: ignore[arg-type]
+    digest = content_hash(turns, draft.tools)  # type: ignore[arg-type]
     source = {"path": path, "line": line, "format": format} if draft.repair else draft.source
-    return Accepted(draft.id or digest, digest, source, turns, meta, merged, trimmed)
+    calls = sum(len(t.tool_calls) for t in turns if t.tool_calls)
+    results = sum(t.role == "tool" for t in turns)
+    return Accepted(draft.id or digest, digest, source, turns, meta, merged, trimmed, draft.tools, calls, results,
+                    trimmed_tool)
 
 
 def _is_clean(turns: list[Turn]) -> bool:
     """True when the turns already follow every rule: [system], then user/assistant alternating,
-    ending with an assistant turn, every response non-blank. A sufficient check, cheaper than
+    ending with an assistant turn, every response non-blank, no tool calls. A sufficient check, cheaper than
     normalize_turns + conversation_problems; anything else takes the full path.
 
     >>> _is_clean([Turn("user", ""), Turn("assistant", "ok")]), _is_clean([Turn("user", "q")])
@@ -469,14 +541,16 @@ def _is_clean(turns: list[Turn]) -> bool:
     if len(turns) == 2:  # the usual instruction/response pair, checked without a loop
         user, assistant = turns
         content = assistant.content
-        return user.role == "user" and assistant.role == "assistant" and bool(content) and not content.isspace()
+        return (user.role == "user" and assistant.role == "assistant" and bool(content) and not content.isspace()
+                and assistant.tool_calls is None)
     start = 1 if turns and turns[0].role == "system" else 0
     if len(turns) - start < 2 or (len(turns) - start) % 2:
         return False
     for i in range(start, len(turns), 2):
         user, assistant = turns[i], turns[i + 1]
         content = assistant.content
-        if user.role != "user" or assistant.role != "assistant" or not content or content.isspace():
+        if (user.role != "user" or assistant.role != "assistant" or not content or content.isspace()
+                or assistant.tool_calls is not None):
             return False
     return True
 
@@ -537,26 +611,48 @@ def _convert_batch(batch: ValidatedBatch) -> list[Accepted | Reject]:
 
 def to_conversation(a: Accepted) -> Conversation:
     """Build the frozen Conversation of an Accepted record (the rules were already checked)."""
-    messages = [Message.model_construct(role=t.role, content=t.content, train=t.train) for t in a.turns]
+    if a.calls or a.results:
+        messages = [Message.model_construct(role=t.role, content=t.content, train=t.train, tool_calls=t.tool_calls,
+                                            name=t.name, tool_call_id=t.tool_call_id) for t in a.turns]
+    else:
+        messages = [Message.model_construct(role=t.role, content=t.content, train=t.train) for t in a.turns]
     source = SourceRef.model_construct(**a.source) if a.source is not None else None
-    return Conversation.model_construct(id=a.id, source=source, messages=messages, meta=a.meta)
+    return Conversation.model_construct(id=a.id, source=source, messages=messages, meta=a.meta, tools=a.tools)
 
 
 def to_json_line(a: Accepted) -> bytes:
     """Serialize an Accepted record exactly as `to_conversation(a).model_dump_json()` would, only faster."""
-    messages = [{"role": t.role, "content": t.content, "train": t.train} for t in a.turns]
-    return _to_json({"id": a.id, "source": a.source, "messages": messages, "meta": a.meta})
+    if a.calls or a.results:
+        messages = [_message_dict(t) for t in a.turns]
+    else:
+        messages = [{"role": t.role, "content": t.content, "train": t.train} for t in a.turns]
+    record = {"id": a.id, "source": a.source, "messages": messages, "meta": a.meta}
+    if a.tools is not None:
+        record["tools"] = a.tools
+    return _to_json(record)
+
+
+def _message_dict(t: Turn) -> dict[str, Any]:
+    """A turn as the JSON object of a Message: the tool fields only when set."""
+    out: dict[str, Any] = {"role": t.role, "content": t.content, "train": t.train}
+    if t.tool_calls is not None:
+        out["tool_calls"] = [c.model_dump() for c in t.tool_calls]
+    if t.name is not None:
+        out["name"] = t.name
+    if t.tool_call_id is not None:
+        out["tool_call_id"] = t.tool_call_id
+    return out
 
 
 # --- streaming over files ------------------------------------------------------------------
 
 
-def _outcomes(paths: list[str], format: str, dedup: bool, report: Report,
-              batch_size: int) -> Iterator[tuple[str, list[Accepted | Reject], float]]:
+def _outcomes(paths: list[str], format: str, dedup: bool, report: Report, batch_size: int,
+              fields: dict[str, str] | None = None) -> Iterator[tuple[str, list[Accepted | Reject], float]]:
     """Validate and convert every input, batch by batch, counting everything in `report`."""
     seen: set[str] | None = set() if dedup else None
     for path in paths:
-        validated = validate_file(path, format, batch_size)
+        validated = validate_file(path, format, batch_size, fields)
         counts = report.add_row(path, f"{validated.format} (auto)" if validated.detected else validated.format)
         for batch in validated.batches:
             results = _convert_batch(batch)
@@ -579,6 +675,8 @@ def _tally(results: list[Accepted | Reject], counts: Counts, seen: set[str] | No
                 counts.events["merged_turns"] += r.merged  # type: ignore[union-attr]
             if r.trimmed:  # type: ignore[union-attr]
                 counts.events["trimmed_trailing_user"] += 1
+            if r.calls or r.results or r.trimmed_tool:  # type: ignore[union-attr]
+                _count_tools(r, counts)  # type: ignore[arg-type]
             if "reasoning_folded" in r.meta:  # type: ignore[union-attr]
                 counts.events["reasoning_folded"] += r.meta["reasoning_folded"]  # type: ignore[union-attr]
         else:
@@ -587,9 +685,19 @@ def _tally(results: list[Accepted | Reject], counts: Counts, seen: set[str] | No
     return kept
 
 
+def _count_tools(r: Accepted, counts: Counts) -> None:
+    """Count an accepted record's tool calls, tool results and trimmed trailing results."""
+    if r.calls:
+        counts.events["tool_calls"] += r.calls
+    if r.results:
+        counts.events["tool_results"] += r.results
+    if r.trimmed_tool:
+        counts.events["trimmed_trailing_tool"] += len(r.meta["trailing_tool"])
+
+
 def iter_conversations(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], format: str = "auto", *,
-                       dedup: bool = False, report: Report | None = None,
-                       batch_size: int = BATCH_SIZE) -> Iterator[Conversation | Reject]:
+                       dedup: bool = False, report: Report | None = None, batch_size: int = BATCH_SIZE,
+                       fields: dict[str, str] | None = None) -> Iterator[Conversation | Reject]:
     """Stream the unified conversations (and Rejects) of some inputs, in sorted input order.
 
     Args:
@@ -598,6 +706,7 @@ def iter_conversations(paths: str | os.PathLike[str] | Iterable[str | os.PathLik
         dedup: skip exact duplicates (same content_hash of the messages).
         report: filled in as the stream is consumed: one row per input (read, accepted, rejected by reason...).
         batch_size: rows read and validated at a time.
+        fields: a field mapping {target: source} (prep.fieldmap) applied to every row.
     Returns:
         an iterator of Conversation and Reject, in input order.
     Raises:
@@ -611,7 +720,7 @@ def iter_conversations(paths: str | os.PathLike[str] | Iterable[str | os.PathLik
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     report = report if report is not None else Report("convert")
-    for _, results, _ in _outcomes(expand_inputs(paths), format, dedup, report, batch_size):
+    for _, results, _ in _outcomes(expand_inputs(paths), format, dedup, report, batch_size, fields):
         for r in results:
             yield r if r.__class__ is Reject else to_conversation(r)  # type: ignore[misc,arg-type]
 
@@ -659,7 +768,8 @@ def convert_files(config: ConvertConfig, progress: bool = False) -> Report:
     encode = to_conversation if parquet else to_json_line
     with (_ProgressBar(progress, inputs) as bar, sink_type(config.output) as sink,
           JsonlSink(rejects) as reject_sink, relaxed_gc()):
-        for path, results, done in _outcomes(inputs, config.format, config.dedup, report, BATCH_SIZE):
+        for path, results, done in _outcomes(inputs, config.format, config.dedup, report, BATCH_SIZE,
+                                             parse_fields(config.fields)):
             sink.write([encode(r) for r in results if r.__class__ is Accepted])  # type: ignore[arg-type]
             reject_sink.write([r.model_dump_json().encode() for r in results if r.__class__ is Reject])
             bar.update(path, done)
@@ -693,6 +803,8 @@ def build_config(**flags: Any) -> ConvertConfig:
     >>> build_config(inputs=["a.jsonl"], output="o.jsonl", format="auto").dedup
     False
     """
+    if flags.get("fields") is not None and not isinstance(flags["fields"], dict):
+        flags["fields"] = parse_fields(flags["fields"]) or None
     try:
         return ConvertConfig(**flags)
     except ValidationError as e:

@@ -1,8 +1,10 @@
 """Conversations → exact token ids and label masks (`input_ids`, `labels`, `example_id` as a pa.Table).
 
 How an example is built:
-1. render once to `(text, spans)` (prep.render); content holding a special token or a role marker is
-   rejected (`marker_in_content`);
+1. render once to `(text, spans)` (prep.render); content (or a tool call, or a tool definition) holding a
+   special token or a role marker is rejected (`marker_in_content`); where a chat template renders a trained
+   reply differently once later turns follow (Qwen3 dropping earlier reasoning), the conversation is expanded
+   into one example per such reply (`expand_turns`);
 2. tokenize the whole text once, in one batched call of the fast tokenizer (`add_special_tokens=False`:
    a BOS, where the tokenizer uses one, is already in the text), so the ids are exactly what the model
    sees at inference;
@@ -40,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pydantic_core import to_json as _to_json
 
 from prep.errors import ConfigError
 from prep.overflow import Piece, Splitter, TooLong, token_range
@@ -47,11 +50,13 @@ from prep.render import Rendered, RenderFailure, Template, render_batch, special
 from prep.slicing import Joints, SlicedEncoding, Whole, find_cut, joints_of, tail_fits
 from prep.token_bytes import ByteTable
 from prep.tokenizer import adds_bos
+from prep.turns import expansion
 from schemas.conversation import Conversation, Message
 from schemas.reject import ErrorDetail, Reject
 
 TRAIN_ON = ("completion", "last", "all")
 OVERFLOW = ("split", "truncate", "drop")
+EXPAND_TURNS = ("auto", "off", "all")
 IGNORE_INDEX = -100
 _UNSET = object()
 ENCODED_SCHEMA = pa.schema(
@@ -69,6 +74,10 @@ COUNT_KEYS = (
     "rejected",
     "template_dropped_message",
     "template_dropped_reasoning",
+    "template_dropped_content",
+    "tool_call_ids_generated",
+    "expanded",
+    "expanded_conversations",
     "pieces_sliced",
     "pieces_tokenized",
 )
@@ -85,9 +94,12 @@ class EncodeResult:
             made by splitting), split_conversations, truncated, dropped (too long under the overflow
             policy), rejected (failed a check), template_dropped_message (messages a chat template did
             not render), template_dropped_reasoning (replies whose folded reasoning a chat template left
-            out), pieces_sliced / pieces_tokenized (split pieces, at every round of refinement, whose ids
-            were cut from the whole conversation's by prep.slicing / tokenized on their own).
-            Invariant: conversations + split == examples + dropped + rejected.
+            out), template_dropped_content (tool-call messages whose content a chat template did not render,
+            only their calls), tool_call_ids_generated (call ids prep made for a template that needs them),
+            expanded (extra examples made by expanding conversations into one example per reply, see
+            `expand_turns`), expanded_conversations, pieces_sliced / pieces_tokenized (split pieces, at every
+            round of refinement, whose ids were cut from the whole conversation's by prep.slicing / tokenized
+            on their own). Invariant: conversations + split + expanded == examples + dropped + rejected.
         rejected: rejected examples by reason (drops are `counts["dropped"]`, reason `too_long`).
         rejects: one Reject (stage "pack") per dropped or rejected example.
     """
@@ -106,7 +118,7 @@ class _Item:
     conv: Conversation
     messages: list[Message]
     flags: list[bool]  # trained per message, policy and overrides resolved
-    piece: int = 0  # order among the pieces of its conversation (index of its first new turn pair)
+    piece: int = 0  # order among the examples of its conversation (first new exchange, or expansion end)
     truncated: bool = False
     rendered: Rendered | None = None
     enc: Any = None  # tokenizers.Encoding, or a SlicedEncoding for a split piece
@@ -133,6 +145,7 @@ class _Job:
     conversations: Sequence[Conversation]
     items: list[_Item]
     outcomes: list[_Outcome]
+    counts: Counter
 
 
 @dataclass
@@ -194,6 +207,10 @@ class Encoder:
         verify: check every example (leave on; off only to measure its cost).
         slicing: take a split piece's ids from the whole conversation's where prep.slicing proves that
             exact (the same ids and labels as tokenizing the piece); False tokenizes every piece again.
+        expand_turns: "auto" (a conversation whose chat template renders a trained reply differently once
+            later turns follow, dropping its reasoning or rewriting its tool call, becomes one example per such
+            reply, each with the turns before it as masked context, plus one for the rest), "off" (train what
+            the whole render shows; a rewritten tool call is rejected), "all" (one example per trained reply).
 
     Raises:
         ConfigError: an unknown policy, a bad max_len, or a template that needs an EOS the tokenizer lacks.
@@ -214,15 +231,18 @@ class Encoder:
         overflow: str = "split",
         verify: bool = True,
         slicing: bool = True,
+        expand_turns: str = "auto",
     ):
         _check_choice("--train-on", train_on, TRAIN_ON)
         _check_choice("--overflow", overflow, OVERFLOW)
+        _check_choice("--expand-turns", expand_turns, EXPAND_TURNS)
         if not isinstance(max_len, int) or max_len < 2:
             raise ConfigError(f"--max-len {max_len!r}: expected an integer >= 2")
         if template.append_eos and not tokenizer.eos_token:
             raise ConfigError(f"template {template.name!r} appends EOS, but the tokenizer has no eos_token")
         self.tokenizer, self.template = tokenizer, template
         self.train_on, self.max_len, self.overflow, self.verify = train_on, max_len, overflow, verify
+        self.expand_turns = expand_turns if train_on != "all" else "off"  # under `all` every token is trained once
         self._backend = tokenizer.backend_tokenizer
         self._specials = special_token_strings(tokenizer)
         self._special_ids = {s: tokenizer.convert_tokens_to_ids(s) for s in self._specials}
@@ -287,10 +307,15 @@ class Encoder:
             return self._finish(job, encodings)
 
     def _prepare(self, conversations: Sequence[Conversation]) -> _Job:
-        """Check for markers and render: a job waiting for its encodings."""
+        """Check for markers, expand where asked, and render: a job waiting for its encodings."""
         outcomes: list[_Outcome] = []
-        items = self._render(self._accept_markers(conversations, outcomes), outcomes)
-        return _Job(conversations, items, outcomes)
+        counts = Counter(dict.fromkeys(COUNT_KEYS, 0))
+        counts["conversations"] = len(conversations)
+        items = self._accept_markers(conversations, outcomes)
+        if self.expand_turns == "all":
+            kept = [[f and m.role != "assistant" for f, m in zip(it.flags, it.messages)] for it in items]
+            items = self._expand(items, kept, counts)
+        return _Job(conversations, self._render(items, outcomes, counts), outcomes, counts)
 
     def _tokenize(self, job: _Job) -> list[Any]:
         """The encodings of a job's rendered texts: one batched call of the Rust tokenizer (thread-safe)."""
@@ -298,9 +323,7 @@ class Encoder:
 
     def _finish(self, job: _Job, encodings: list[Any]) -> EncodeResult:
         """Build what fits, handle what overflows (truncate, drop or split), and assemble the result."""
-        outcomes, built = job.outcomes, _Built()
-        counts = Counter(dict.fromkeys(COUNT_KEYS, 0))
-        counts["conversations"] = len(job.conversations)
+        outcomes, built, counts = job.outcomes, _Built(), job.counts
         fitting, overflowing = [], []
         for item, enc in zip(job.items, encodings):
             item.enc = enc
@@ -322,7 +345,7 @@ class Encoder:
         """Items for the conversations whose content holds no marker; `marker_in_content` for the rest."""
         items = []
         for index, conv in enumerate(conversations):
-            hit = self._find_marker(conv.messages)
+            hit = self._find_marker(conv.messages, conv.tools)
             if hit is not None:
                 outcomes.append(_Outcome(index, 0, reason="marker_in_content", field=hit[0], message=hit[1]))
             else:
@@ -332,22 +355,32 @@ class Encoder:
     # ----------------------------------------------------------------------------------------------
     # Checks before tokenizing
 
-    def _find_marker(self, messages: Sequence[Message]) -> tuple[str, str] | None:
-        """(field, message) for the first content holding a special token or role marker, else None."""
+    def _find_marker(self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None
+                     ) -> tuple[str, str] | None:
+        """(field, message) for the first content, tool call or tool definition holding a special token or role
+        marker, else None."""
         if self._marker_re is None:
             return None
-        for i, m in enumerate(messages):
-            match = self._marker_re.search(m.content)
+        texts = itertools.chain.from_iterable(_texts(i, m) for i, m in enumerate(messages))
+        if tools:
+            texts = itertools.chain(texts, [("tools", _to_json(tools).decode())])
+        for where, text in texts:
+            match = self._marker_re.search(text)
             if match is not None:
-                excerpt = m.content[max(0, match.start() - 30) : match.end() + 30]
-                return f"messages[{i}].content", f"contains the marker {match.group()!r}: ...{excerpt!r}..."
+                excerpt = text[max(0, match.start() - 30) : match.end() + 30]
+                return where, f"contains the marker {match.group()!r}: ...{excerpt!r}..."
         return None
 
     # ----------------------------------------------------------------------------------------------
     # Render + tokenize (one batched tokenizer call)
 
-    def _render(self, items: list[_Item], outcomes: list[_Outcome]) -> list[_Item]:
-        """Render `items` in one call; return those rendered (`item.rendered` set); failures go to `outcomes`."""
+    def _render(self, items: list[_Item], outcomes: list[_Outcome], counts: Counter | None = None) -> list[_Item]:
+        """Render `items` in one call; return those rendered (`item.rendered` set), in order; failures go to
+        `outcomes`.
+
+        With `counts` (the first rendering of whole conversations), a conversation that needs expanding
+        (`expand_turns` auto) is replaced by its expansion (counted), rendered in a second call.
+        """
         rendered = render_batch(
             [it.messages for it in items],
             self.template,
@@ -355,11 +388,17 @@ class Encoder:
             bos=self._bos_text,
             eos=self.tokenizer.eos_token,
             special_tokens=self._specials,
+            tools=[it.conv.tools for it in items],
         )
-        ready = []
+        ready, unstable, kept = [], [], []
         for item, out in zip(items, rendered):
             if isinstance(out, RenderFailure):
                 outcomes.append(_Outcome(item.conv_index, item.piece, -1, out.reason, out.field, out.message))
+                continue
+            shifted = self._unstable(item, out) if counts is not None and self.expand_turns == "auto" else set()
+            if shifted:
+                unstable.append(item)
+                kept.append([f and i not in shifted for i, f in enumerate(item.flags)])
                 continue
             failure = self._check_dropped(item, out)
             if failure is not None:
@@ -367,17 +406,42 @@ class Encoder:
                 continue
             item.rendered = out
             ready.append(item)
+        if unstable:
+            ready += self._render(self._expand(unstable, kept, counts), outcomes)  # type: ignore[arg-type]
         return ready
 
     def _check_dropped(self, item: _Item, rendered: Rendered) -> _Outcome | None:
-        """Reject an example whose chat template did not render one of its trained replies.
+        """Reject an example whose chat template did not render one of its trained replies, or renders one of its
+        trained tool calls differently once later turns follow (`--expand-turns auto` trains those).
 
         Other messages the template drops (mistral's system prompt) are counted when built."""
         for i in rendered.dropped:
             if item.flags[i] and item.messages[i].role == "assistant":
                 msg = "the chat template did not render this trained assistant message"
                 return _Outcome(item.conv_index, item.piece, -1, "template_dropped_message", f"messages[{i}]", msg)
+        for i in rendered.rewritten:
+            if item.flags[i]:
+                msg = ("the chat template renders this tool call differently once later turns follow, so its text "
+                       "in the conversation is not what the model writes at inference; --expand-turns auto trains "
+                       "it in an example of its own")
+                return _Outcome(item.conv_index, item.piece, -1, "template_rewrites_turn", f"messages[{i}]", msg)
         return None
+
+    def _unstable(self, item: _Item, rendered: Rendered) -> set[int]:
+        """Trained replies the chat template renders differently once later turns follow: their reasoning left
+        out, or (tool calls) their text not found."""
+        return {i for i in (*rendered.rewritten, *rendered.reasoning_dropped) if item.flags[i]}
+
+    def _expand(self, items: list[_Item], kept: list[list[bool]], counts: Counter) -> list[_Item]:
+        """Each item as its expansion (prep.turns.expansion): one example per reply that needs its own (the
+        messages up to it, only it trained), plus the conversation with what stays trained (`kept`)."""
+        out = []
+        for item, kept_flags in zip(items, kept):
+            pieces = expansion(item.flags, kept_flags)
+            counts["expanded"] += len(pieces) - 1
+            counts["expanded_conversations"] += len(pieces) > 1
+            out += [_Item(item.conv_index, item.conv, item.messages[:end], flags, piece=end) for end, flags in pieces]
+        return out
 
     # ----------------------------------------------------------------------------------------------
     # Labels: character spans → token ranges → numpy masks, then verification
@@ -388,6 +452,8 @@ class Encoder:
             return
         counts["template_dropped_message"] += sum(len(it.rendered.dropped) for it in items)
         counts["template_dropped_reasoning"] += sum(len(it.rendered.reasoning_dropped) for it in items)
+        counts["template_dropped_content"] += sum(len(it.rendered.content_dropped) for it in items)
+        counts["tool_call_ids_generated"] += sum(it.rendered.ids_generated for it in items)
         id_lists = [it.enc.ids[: self.max_len] if it.truncated else it.enc.ids for it in items]
         lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(items))
         starts = np.concatenate(([0], np.cumsum(lengths)))
@@ -674,6 +740,17 @@ def _check_choice(flag: str, value: str, valid: tuple[str, ...]) -> None:
     """ConfigError listing the valid values when `value` is not one of them."""
     if value not in valid:
         raise ConfigError(f"{flag} {value!r}: expected one of {', '.join(valid)}")
+
+
+def _texts(i: int, m: Message) -> Iterator[tuple[str, str]]:
+    """(field, text) of everything of message `i` a template prints: content, tool calls, name, call id."""
+    yield f"messages[{i}].content", m.content
+    for j, c in enumerate(m.tool_calls or ()):
+        yield f"messages[{i}].tool_calls[{j}]", _to_json([c.id, c.name, c.arguments]).decode()
+    for key in ("name", "tool_call_id"):
+        value = getattr(m, key)
+        if value is not None:
+            yield f"messages[{i}].{key}", value
 
 
 def _cover(ranges: list[tuple[int, int, int]], starts: np.ndarray) -> np.ndarray:

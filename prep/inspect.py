@@ -3,7 +3,9 @@
 The library part returns data (`RowView` → `ExampleView` → `Piece(text, trained, marker)`); `render_row`
 turns it into rich renderables. Trained tokens are green, masked ones grey; template markers and special
 tokens are shown in reverse video in the colour of their mask, so `###response###` masked and `<|im_end|>`
-trained are both visible at a glance.
+trained are both visible at a glance. In agent data, a record's tool calls are underlined and its tool results
+yellow; in shards, calls and results show through their markers (`<tool_call>`, `[TOOL_CALLS]`, ...: the
+tokenizer's added tokens are highlighted too) and their mask.
 
 >>> view = inspect_shards("shards/", row=0)                     # doctest: +SKIP
 >>> [(p.text, p.trained) for p in view.examples[0].pieces][:2]  # doctest: +SKIP
@@ -31,20 +33,25 @@ STYLES = {
     (False, True): "bold reverse grey58",  # masked marker / special token
 }
 NEWLINE_GLYPH = "↵"
+CALL, RESULT = "call", "result"  # the tool parts of a record's text
 
 
 @dataclass(frozen=True)
 class Piece:
-    """A run of decoded text with one mask state; `marker` when it is a template marker or special token."""
+    """A run of decoded text with one mask state; `marker` when it is a template marker or special token;
+    `kind` "call" inside an assistant message that calls tools, "result" inside a tool result."""
 
     text: str
     trained: bool
     marker: bool = False
+    kind: str = ""
 
     @property
     def style(self) -> str:
         """The rich style of this piece."""
-        return STYLES[(self.trained, self.marker)]
+        if self.kind == RESULT:
+            return "bold reverse yellow" if self.marker else "yellow"
+        return STYLES[(self.trained, self.marker)] + (" underline" if self.kind == CALL else "")
 
 
 @dataclass(frozen=True)
@@ -100,11 +107,12 @@ def marker_pattern(tokenizer: Any, template: Any = None) -> re.Pattern[str] | No
     from prep.render import special_token_strings
 
     found = list(special_token_strings(tokenizer))
+    found += [t.content for t in tokenizer.added_tokens_decoder.values() if t.content.strip()]  # e.g. <tool_call>
     if template is not None and not template.uses_chat_template:
         found += template.role_markers()
         for roles in (template.roles, template.single_turn):
-            for turn in (roles.system, roles.user, roles.assistant) if roles else ():
-                found += [turn.end.strip()] if turn.end.strip() else []
+            for turn in (roles.system, roles.user, roles.assistant, roles.tool, template.call) if roles else ():
+                found += [text for text in (turn.prefix.strip(), turn.end.strip()) if text] if turn else []
     found = sorted(set(found), key=len, reverse=True)  # longest first: `###response###` before `###`
     return re.compile("|".join(map(re.escape, found))) if found else None
 
@@ -115,17 +123,19 @@ def label_pieces(
     tokenizer: Any,
     markers: re.Pattern[str] | None = None,
     tokens: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
 ) -> list[Piece]:
     """Decode one example into runs of trained / masked text, with markers split out as their own pieces.
 
-    Runs are cut where the mask changes; a run's text is the incremental decode of its tokens (see
-    `token_texts`), so the pieces concatenate to exactly the decoded example.
+    Runs are cut where the mask (or the kind) changes; a run's text is the incremental decode of its tokens
+    (see `token_texts`), so the pieces concatenate to exactly the decoded example.
 
     Args:
         input_ids, labels: one example (labels unshifted, -100 where masked).
         tokenizer: the (fast) tokenizer that made the ids.
         markers: strings to split out (see `marker_pattern`).
         tokens: `token_texts(tokenizer, input_ids)` when already computed.
+        kinds: each token's tool kind ("call", "result" or ""), when known.
 
     Returns:
         The pieces, in order.
@@ -137,12 +147,17 @@ def label_pieces(
     """
     trained = np.asarray(labels) != IGNORE_INDEX
     tokens = token_texts(tokenizer, input_ids) if tokens is None else tokens
-    cuts = np.flatnonzero(np.diff(trained.astype(np.int8))) + 1
+    state = trained.astype(np.int8) if kinds is None else trained * 4 + np.array([_KIND_CODES[k] for k in kinds])
+    cuts = np.flatnonzero(np.diff(state)) + 1
     bounds = [0, *cuts.tolist(), len(trained)]
     pieces = []
     for a, b in zip(bounds[:-1], bounds[1:]):
-        pieces += _split_markers("".join(tokens[a:b]), bool(trained[a]), markers)
+        kind = kinds[a] if kinds is not None else ""
+        pieces += _split_markers("".join(tokens[a:b]), bool(trained[a]), markers, kind)
     return pieces
+
+
+_KIND_CODES = {"": 0, CALL: 1, RESULT: 2}
 
 
 def token_texts(tokenizer: Any, input_ids: np.ndarray) -> tuple[str, ...]:
@@ -165,18 +180,18 @@ def token_texts(tokenizer: Any, input_ids: np.ndarray) -> tuple[str, ...]:
     return tuple(stream.step(backend, i) or "" for i in ids)
 
 
-def _split_markers(text: str, trained: bool, markers: re.Pattern[str] | None) -> list[Piece]:
+def _split_markers(text: str, trained: bool, markers: re.Pattern[str] | None, kind: str = "") -> list[Piece]:
     """Cut `text` into plain and marker pieces (empty pieces dropped)."""
     if markers is None:
-        return [Piece(text, trained)] if text else []
+        return [Piece(text, trained, kind=kind)] if text else []
     pieces, pos = [], 0
     for match in markers.finditer(text):
         if match.start() > pos:
-            pieces.append(Piece(text[pos : match.start()], trained))
-        pieces.append(Piece(match.group(), trained, marker=True))
+            pieces.append(Piece(text[pos : match.start()], trained, kind=kind))
+        pieces.append(Piece(match.group(), trained, True, kind))
         pos = match.end()
     if pos < len(text):
-        pieces.append(Piece(text[pos:], trained))
+        pieces.append(Piece(text[pos:], trained, kind=kind))
     return pieces
 
 
@@ -189,6 +204,7 @@ def example_views(
     example: int | None = None,
     example_ids: Sequence[str] | None = None,
     templates: Sequence[str] | None = None,
+    kinds: Sequence[Sequence[str] | None] | None = None,
 ) -> tuple[ExampleView, ...]:
     """Split a row at its example boundaries and decode each example (or only example `example`).
 
@@ -216,7 +232,8 @@ def example_views(
         ids, labs = input_ids[starts[k] : starts[k] + lengths[k]], labels[starts[k] : starts[k] + lengths[k]]
         tokens = token_texts(tokenizer, ids)
         eid = example_ids[k] if example_ids is not None else None
-        pieces = tuple(label_pieces(ids, labs, tokenizer, per_example[k], tokens))
+        pieces = tuple(label_pieces(ids, labs, tokenizer, per_example[k], tokens,
+                                    kinds[k] if kinds is not None else None))
         views.append(ExampleView(k, int(starts[k]), ids, labs, pieces, tokens, eid,
                                  templates[k] if templates is not None else None))
     return tuple(views)
@@ -327,10 +344,41 @@ def inspect_record(
     lengths = np.diff(np.asarray(ids.offsets))
     example_ids = result.table.column("example_id").to_pylist()
     markers = marker_pattern(tok, tmpl)
-    views = example_views(flat_ids, flat_labels, lengths, tok, markers, example, example_ids)
+    rows = np.split(flat_ids, np.cumsum(lengths)[:-1])
+    kinds = [tool_kinds(conv, tok, tmpl, row) for row in rows]
+    views = example_views(flat_ids, flat_labels, lengths, tok, markers, example, example_ids, kinds=kinds)
     where = f"{conv.source.path}:{conv.source.line}" if conv.source else str(path)
     title = f"record {record} ({where}) · template {tmpl.name} · train_on {train_on}"
     return RowView(title, views, len(lengths), len(flat_ids), max_len)
+
+
+def tool_kinds(conversation: Any, tokenizer: Any, template: Any, input_ids: np.ndarray) -> list[str] | None:
+    """Each token's tool kind ("call", "result" or "") in an example that is the whole conversation rendered (None
+    for one without tool data, or a piece of a split or expanded one): the spans of its tool-call messages and
+    tool results, mapped to tokens by their first character."""
+    from prep.render import RenderFailure, render_batch
+    from prep.tokenizer import adds_bos
+
+    messages = conversation.messages
+    if not any(m.tool_calls or m.role == "tool" for m in messages):
+        return None
+    bos = tokenizer.bos_token if adds_bos(tokenizer) and not template.uses_chat_template else ""
+    rendered = render_batch([messages], template, tokenizer, bos=bos, eos=tokenizer.eos_token,
+                            tools=[conversation.tools])[0]
+    if isinstance(rendered, RenderFailure):
+        return None
+    enc = tokenizer.backend_tokenizer.encode(rendered.text, add_special_tokens=False)
+    if enc.ids != [int(i) for i in input_ids]:
+        return None
+    kinds = [""] * len(enc.ids)
+    for span in rendered.spans:
+        m = messages[span.message]
+        kind = CALL if m.tool_calls else RESULT if m.role == "tool" else ""
+        if kind:
+            for t, (a, _) in enumerate(enc.offsets):
+                if span.start <= a < span.stop:
+                    kinds[t] = kind
+    return kinds
 
 
 def _nth_conversation(path: str | Path, record: int, format: str) -> Any:
@@ -386,6 +434,10 @@ def legend() -> Any:
         ("marker", STYLES[True, True]),
         " ",
         ("marker", STYLES[False, True]),
+        "  ",
+        ("tool call", STYLES[True, False] + " underline"),
+        "  ",
+        ("tool result", "yellow"),
         "  ",
         (f"{NEWLINE_GLYPH} newline", "dim"),
     )

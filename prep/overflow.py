@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from prep.render import Rendered
+from prep.turns import exchanges
 from schemas.conversation import Message
 
 
@@ -89,8 +90,8 @@ class Splitter:
         self.messages, self.flags, self.max_len, self.marker_re = messages, flags, max_len, marker_re
         self.system = messages[0] if messages[0].role == "system" else None
         first = 1 if self.system is not None else 0
-        self.pairs = [(i, i + 1) for i in range(first, len(messages) - 1, 2)]
-        self.needed = [flags[u] or flags[a] for u, a in self.pairs]
+        self.pairs = exchanges(messages, first)  # a user turn and its reply (tool calls and results included)
+        self.needed = [any(flags[i] for i in pair) for pair in self.pairs]
         self._estimate_costs(rendered, enc)
 
     def has_trained_turn(self) -> bool:
@@ -107,8 +108,8 @@ class Splitter:
             head = stops.get(0, head)
         bound = head
         self.costs = []
-        for u, a in self.pairs:
-            end = stops.get(a, stops.get(u, bound))
+        for pair in self.pairs:
+            end = next((stops[i] for i in reversed(pair) if i in stops), bound)
             self.costs.append(max(end - bound, 0))
             bound = max(bound, end)
         self.head, self.tail = head, max(len(enc) - bound, 0)
@@ -168,8 +169,11 @@ class Splitter:
             if k == 0:
                 return 0
             k -= 1
-        pair, side = divmod(k, 2)
-        return self.pairs[piece.ctx + pair][side]
+        for pair in self.pairs[piece.ctx : piece.end]:
+            if k < len(pair):
+                return pair[k]
+            k -= len(pair)
+        raise IndexError(k)
 
     def refine(self, piece: Piece, rendered: Rendered, enc: Any) -> list[Piece] | TooLong:
         """Next candidates for a piece that came out too long (given its rendering and encoding), or TooLong."""
@@ -207,7 +211,8 @@ class Splitter:
 
 def _message(message: Message, content: str, train: bool) -> Message:
     """A copy of `message` with new content and an explicit train flag (no re-validation)."""
-    return Message.model_construct(role=message.role, content=content, train=train)
+    return Message.model_construct(role=message.role, content=content, train=train, tool_calls=message.tool_calls,
+                                   name=message.name, tool_call_id=message.tool_call_id)
 
 
 def cut_middle(content: str, head_end: int, tail_start: int, marker_re: re.Pattern[str] | None) -> str:

@@ -27,6 +27,7 @@ from prep import __version__
 from prep.convert import iter_conversations, relaxed_gc
 from prep.encode import EncodeResult, Encoder
 from prep.errors import AccountingError, ConfigError, PrepError, flag_error
+from prep.fieldmap import parse_fields
 from prep.pack import padded_lengths, plan_bfd, plan_unpacked, shuffle_rows, with_padding
 from prep.read import expand_inputs
 from prep.remote import is_url, join
@@ -230,7 +231,8 @@ def _holds_out(val_fraction: float | None, val_size: int | None) -> bool:
 def _is_trivial(run: _Run) -> bool:
     """One source, weight 1, no override and no split: exactly the plain command line."""
     (source, *rest) = run.sources
-    return not rest and source.weight == 1.0 and source.template is None and source.system is None and not run.split
+    return (not rest and source.weight == 1.0 and source.template is None and source.system is None
+            and source.fields is None and not run.split)
 
 
 def _encode_sources(run: _Run, report: PackReport, stores: dict[str, ExampleStore], rejects_path: Path,
@@ -311,7 +313,8 @@ class _Encoders:
 
     def __init__(self, run: _Run, workers: int):
         self.workers = workers
-        self.spec = (run.tokenizer, run.templates, run.config.train_on, run.config.max_len, run.config.overflow)
+        self.spec = (run.tokenizer, run.templates, run.config.train_on, run.config.max_len, run.config.overflow,
+                     run.config.expand_turns)
         self.local = _build_encoders(*self.spec) if workers <= 1 else None
         self.pool = None
 
@@ -358,9 +361,10 @@ class _Encoders:
 
 
 def _build_encoders(tokenizer: Any, templates: dict[str, Template], train_on: str, max_len: int,
-                    overflow: str) -> dict[str, Encoder]:
+                    overflow: str, expand_turns: str = "auto") -> dict[str, Encoder]:
     """One Encoder per template name."""
-    return {name: Encoder(tokenizer, t, train_on=train_on, max_len=max_len, overflow=overflow)
+    return {name: Encoder(tokenizer, t, train_on=train_on, max_len=max_len, overflow=overflow,
+                          expand_turns=expand_turns)
             for name, t in templates.items()}
 
 
@@ -410,7 +414,7 @@ class _SourceTally:
         else:
             digests: list[str] = []
             for conversations, rejects in stream:
-                digests += [content_hash(c.messages) for c in self._unseen(conversations)]
+                digests += [content_hash(c.messages, c.tools) for c in self._unseen(conversations)]
                 if rejects:
                     yield "train", [], rejects
             yield from self._split_and_weight(digests, config)
@@ -419,7 +423,9 @@ class _SourceTally:
 
     def _stream(self, config: PackConfig, report: Report) -> Iterator[tuple[list[Conversation], list[Reject]]]:
         """The source's conversations and rejects in batches, counted in `report`."""
-        conversations = iter_conversations(self.source.paths, self.source.format, dedup=config.dedup, report=report)
+        fields = {**(config.fields or {}), **parse_fields(self.source.fields, "fields")} or None
+        conversations = iter_conversations(self.source.paths, self.source.format, dedup=config.dedup, report=report,
+                                           fields=fields)
         return _batched(conversations, config.batch_size, parse_size(config.batch_bytes, "--batch-bytes"))
 
     def _unseen(self, conversations: list[Conversation], count: bool = True) -> list[Conversation]:
@@ -430,7 +436,7 @@ class _SourceTally:
             return conversations
         kept = []
         for c in conversations:
-            digest = content_hash(c.messages)
+            digest = content_hash(c.messages, c.tools)
             if digest in self.earlier:
                 self.counts["cross_source_duplicates"] += count
                 continue
@@ -465,7 +471,7 @@ class _SourceTally:
             position = 0  # among the conversations that stay in train
             for conversations, _ in self._stream(config, Report("re-read")):  # its counts were taken the first time
                 for c in self._unseen(conversations, count=False):
-                    held_out = content_hash(c.messages) in validation_set
+                    held_out = content_hash(c.messages, c.tools) in validation_set
                     if held_out and split == "validation":
                         yield c
                     elif not held_out:
@@ -569,6 +575,8 @@ def build_config(**flags: Any) -> PackConfig:
     from pydantic import ValidationError
 
     given = {k: v for k, v in flags.items() if v is not None}
+    if "fields" in given and not isinstance(given["fields"], dict):
+        given["fields"] = parse_fields(given["fields"]) or None
     if given.get("recipe") is not None:
         given = _with_recipe(given)
     elif not given.get("inputs"):
@@ -625,15 +633,26 @@ def render_pack_report(report: PackReport) -> Any:
 
 
 def _left_out(c: Counter[str]) -> list[Any]:
-    """A yellow line when the chat template left messages or reasoning out of examples that were written."""
+    """Lines about the examples that were written: what the chat template left out (yellow), conversations
+    expanded into one example per reply, tool call ids prep generated."""
     from rich.text import Text
 
     parts = [f"{c[key]:,} {what} ({key})" for key, what in (("template_dropped_message", "message(s)"),
-                                                            ("template_dropped_reasoning", "reasoning block(s)"))
+                                                            ("template_dropped_reasoning", "reasoning block(s)"),
+                                                            ("template_dropped_content", "tool-call message content(s)"))
              if c[key]]
-    if not parts:
-        return []
-    return [Text("left out by the chat template, in examples that were written: " + ", ".join(parts), style="yellow")]
+    out = []
+    if parts:
+        out.append(Text("left out by the chat template, in examples that were written: " + ", ".join(parts),
+                        style="yellow"))
+    if c["expanded"]:
+        out.append(Text(f"{c['expanded_conversations']:,} conversation(s) expanded into {c['expanded']:,} more "
+                        "example(s): one per reply the chat template renders differently once later turns follow "
+                        "(--expand-turns)"))
+    if c["tool_call_ids_generated"]:
+        out.append(Text(f"{c['tool_call_ids_generated']:,} tool call id(s) generated: the chat template needs ids "
+                        "the data did not give (or gave in a form it refuses)"))
+    return out
 
 
 def _examples_table(c: Counter[str], rejected_by_reason: Counter[str]) -> Any:
@@ -781,10 +800,11 @@ def _check_accounting(report: PackReport) -> None:
         if c["conversations"] != expected:
             raise AccountingError(f"{split}: encoded {c['conversations']} conversations but {expected} were "
                                   "selected; a bug in prep")
-        if c["conversations"] + c["split"] != c["examples"] + c["dropped"] + c["rejected"]:
+        if c["conversations"] + c["split"] + c["expanded"] != c["examples"] + c["dropped"] + c["rejected"]:
             raise AccountingError(
-                f"{split}: conversations {c['conversations']} + split pieces {c['split']} != examples "
-                f"{c['examples']} + dropped {c['dropped']} + rejected {c['rejected']}; a bug in prep"
+                f"{split}: conversations {c['conversations']} + split pieces {c['split']} + expanded "
+                f"{c['expanded']} != examples {c['examples']} + dropped {c['dropped']} + rejected {c['rejected']}; "
+                "a bug in prep"
             )
 
 
@@ -855,7 +875,7 @@ def _fingerprint(run: _Run) -> str:
 def _options(run: _Run) -> dict[str, Any]:
     """The options that change the output (a split flag only when set; one source's own format)."""
     options = run.config.model_dump(exclude=_FINGERPRINT_EXCLUDE)
-    for key in ("val_fraction", "val_size"):
+    for key in ("val_fraction", "val_size", "fields"):
         if options[key] is None:
             del options[key]
     if options["pad_to_multiple_of"] == 1:  # fingerprints of unpadded runs stay what they were
@@ -871,7 +891,7 @@ def _source_key(run: _Run, source: Source) -> dict[str, Any]:
     sha256 = {i["path"]: i["sha256"] for i in run.inputs}
     return {"inputs": [sha256[p] for p in expand_inputs(source.paths)], "format": source.format,
             "weight": source.weight, "template": template_sha256(template), "system": source.system,
-            "split": _split_of(source, run.config)}
+            "split": _split_of(source, run.config), "fields": source.fields}
 
 
 def _existing_manifest(output: str) -> dict[str, Any] | None:
@@ -900,6 +920,7 @@ def _manifest_extra(run: _Run, report: PackReport, split: str, fingerprint: str)
         "fingerprint": fingerprint,
         "train_on": config.train_on,
         "overflow": config.overflow,
+        "expand_turns": config.expand_turns,
         "template": _template_dict(template),
         "tokenizer": {
             "name": name,
@@ -927,6 +948,12 @@ def _manifest_extra(run: _Run, report: PackReport, split: str, fingerprint: str)
             "dropped": c["dropped"],
             "template_dropped_message": c["template_dropped_message"],
             "template_dropped_reasoning": c["template_dropped_reasoning"],
+            "template_dropped_content": c["template_dropped_content"],
+            "expanded": c["expanded"],
+            "expanded_conversations": c["expanded_conversations"],
+            "tool_call_ids_generated": c["tool_call_ids_generated"],
+            "tool_calls": inputs.events["tool_calls"],
+            "tool_results": inputs.events["tool_results"],
             "rejected": dict(sorted((inputs.rejected + rejected).items())),
         },
     }

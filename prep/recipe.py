@@ -162,7 +162,7 @@ def select(conversations: Sequence[Conversation], weight: float, seed: int) -> l
     >>> [x.id for x in select([c], 2.0, seed=0)]
     ['x', 'x@2']
     """
-    counts = copies([content_hash(c.messages) for c in conversations], weight, seed)
+    counts = copies([content_hash(c.messages, c.tools) for c in conversations], weight, seed)
     out: list[Conversation] = []
     for conversation, n in zip(conversations, counts, strict=True):
         out.extend(repeat(conversation, n))

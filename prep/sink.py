@@ -124,8 +124,10 @@ class JsonlSink:
 class ParquetSink:
     """Write unified conversations to Parquet atomically; `meta` is stored as a JSON string; count them.
 
-    Columns: id string, source struct<path, line, format>, messages list<struct<role, content, train>>,
-    meta string. prep reads such a file back as the `unified` format.
+    Columns: id string, source struct<path, line, format>, messages list<struct<role, content, train,
+    tool_calls list<struct<id, name, arguments>>, name, tool_call_id>>, meta string, tools string. `meta`,
+    `tools` and each call's `arguments` are JSON text (their shapes vary). prep reads such a file back as the
+    `unified` format.
     """
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -145,6 +147,11 @@ class ParquetSink:
         for c in conversations:
             row = c.model_dump()
             row["meta"] = pydantic_core.to_json(row["meta"]).decode()
+            if "tools" in row:
+                row["tools"] = pydantic_core.to_json(row["tools"]).decode()
+            for m in row["messages"]:
+                for call in m.get("tool_calls") or ():
+                    call["arguments"] = pydantic_core.to_json(call["arguments"]).decode()
             self._rows.append(row)
             self.written += 1
         if len(self._rows) >= PARQUET_ROW_GROUP:
@@ -172,5 +179,8 @@ def conversation_arrow_schema() -> Any:
     import pyarrow as pa
 
     source = pa.struct([("path", pa.string()), ("line", pa.int64()), ("format", pa.string())])
-    message = pa.struct([("role", pa.string()), ("content", pa.string()), ("train", pa.bool_())])
-    return pa.schema([("id", pa.string()), ("source", source), ("messages", pa.list_(message)), ("meta", pa.string())])
+    call = pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())])
+    message = pa.struct([("role", pa.string()), ("content", pa.string()), ("train", pa.bool_()),
+                         ("tool_calls", pa.list_(call)), ("name", pa.string()), ("tool_call_id", pa.string())])
+    return pa.schema([("id", pa.string()), ("source", source), ("messages", pa.list_(message)), ("meta", pa.string()),
+                      ("tools", pa.string())])

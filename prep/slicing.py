@@ -84,7 +84,7 @@ def joints_of(tokenizer: Any) -> Joints:
 
     >>> from prep.tokenizer import default_tokenizer
     >>> sorted(joints_of(default_tokenizer()).tokens)[:2]
-    ['###assistant###', '###human###']
+    ['###assistant###', '###call###']
     """
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     try:

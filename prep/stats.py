@@ -25,7 +25,8 @@ import pyarrow as pa
 from prep.errors import ShardError
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant", "template")  # "template": markers, separators, BOS outside any message
+# "tool": tool results; "template": markers, separators, BOS and tool definitions, outside any message
+ROLES = ("system", "user", "assistant", "tool", "template")
 HIST_BINS = 16
 
 
@@ -258,7 +259,7 @@ def input_stats(
 
     >>> s = input_stats("data.jsonl", template="chatml", max_len=1024)   # doctest: +SKIP
     >>> sorted(s.tokens_by_role)                                          # doctest: +SKIP
-    ['assistant', 'system', 'template', 'user']
+    ['assistant', 'system', 'template', 'tool', 'user']
     """
     from prep.convert import iter_conversations
     from prep.encode import Encoder
@@ -303,13 +304,14 @@ def role_token_counts(conversations: Sequence[Any], tokenizer: Any, template: An
     >>> msgs = [Message(role="user", content="Hi"), Message(role="assistant", content="Yo")]
     >>> conv = Conversation(id="a", messages=msgs)
     >>> [a.tolist() for a in role_token_counts([conv], default_tokenizer(), BUILTIN_TEMPLATES["chatml"])]
-    [[0, 3, 3, 18], [24]]
+    [[0, 3, 3, 0, 18], [24]]
     """
     from prep.render import RenderFailure, render_batch
     from prep.tokenizer import adds_bos
 
     bos = tokenizer.bos_token if adds_bos(tokenizer) and not template.uses_chat_template else ""
-    rendered = render_batch([c.messages for c in conversations], template, tokenizer, bos=bos, eos=tokenizer.eos_token)
+    rendered = render_batch([c.messages for c in conversations], template, tokenizer, bos=bos, eos=tokenizer.eos_token,
+                            tools=[c.tools for c in conversations])
     ok = [(c, r) for c, r in zip(conversations, rendered) if not isinstance(r, RenderFailure)]
     encodings = tokenizer.backend_tokenizer.encode_batch([r.text for _, r in ok], add_special_tokens=False)
     totals = np.zeros(len(ROLES), dtype=np.int64)

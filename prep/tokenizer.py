@@ -17,7 +17,7 @@ from prep.tokenizer_io import save_tokenizer, tokenizer_fingerprint  # noqa: F40
 DEFAULT_TOKENIZER_NAME = "prep-default-byte-level"
 DEFAULT_TOKENIZER_NOTICE = (
     "no --tokenizer given: using prep's embedded byte-level demo tokenizer "
-    "(264 tokens, one per byte; for demos and tests, not for training a real model)"
+    "(267 tokens, one per byte; for demos and tests, not for training a real model)"
 )
 _EOS = "<|endoftext|>"
 _CHATML_JINJA = (
@@ -69,11 +69,11 @@ def default_tokenizer() -> Any:
     is ChatML.
 
     Returns:
-        A `PreTrainedTokenizerFast` with 264 tokens.
+        A `PreTrainedTokenizerFast` with 267 tokens.
 
     >>> tok = default_tokenizer()
     >>> len(tok), tok.eos_token, tok.pad_token_id
-    (264, '<|endoftext|>', 256)
+    (267, '<|endoftext|>', 256)
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -15,6 +15,7 @@ import pydantic_core
 from pydantic import ValidationError
 
 from prep.errors import InputError, location_path
+from prep.fieldmap import map_payload
 from prep.read import BATCH_SIZE, RawBatch, read_batches
 from schemas.raw import (
     BATCH_ADAPTERS,
@@ -140,13 +141,15 @@ def _as_object(payload: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def validate_file(path: str, format: str = "auto", batch_size: int = BATCH_SIZE) -> ValidatedFile:
+def validate_file(path: str, format: str = "auto", batch_size: int = BATCH_SIZE,
+                  fields: dict[str, str] | None = None) -> ValidatedFile:
     """Open one input, settle its format (detecting it from the first records when `auto`) and validate it lazily.
 
     Args:
         path: one input (see prep.read).
         format: a name from schemas.raw.FORMAT_NAMES, or "auto".
         batch_size: rows per batch.
+        fields: a field mapping (prep.fieldmap), applied to every row before detection and validation.
     Returns:
         a ValidatedFile whose `batches` streams the file.
     Raises:
@@ -157,6 +160,8 @@ def validate_file(path: str, format: str = "auto", batch_size: int = BATCH_SIZE)
     ('alpaca', True)
     """
     batches = read_batches(path, batch_size)
+    if fields:
+        batches = (b._replace(payloads=[map_payload(p, fields) for p in b.payloads]) for b in batches)
     head: list[RawBatch] = []
     sample: list[Any] = []
     for batch in batches:
@@ -307,6 +312,10 @@ def _reason(detail: Any, payload: Any) -> str:
         return "invalid_utf8" if _bad_utf8(payload) else "invalid_json"
     if not loc and kind in ("model_type", "model_attributes_type", "dict_type"):
         return "not_an_object"
+    if loc and loc[0] == "tools":
+        return "invalid_tools"
+    if "tool_calls" in loc:
+        return "invalid_tool_call"
     if kind == "missing":
         return "missing_field"
     if kind == "string_pattern_mismatch" and loc and loc[-1] in ("from", "role"):

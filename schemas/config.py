@@ -27,3 +27,5 @@ class ConvertConfig(BaseModel):
     dedup: bool = Field(False, description="Drop exact duplicate conversations (same messages).")
     subset: str | None = Field(None, description="Config of hub dataset inputs (hf://datasets/...); None = default.")
     split: str | None = Field(None, description="Split of hub dataset inputs (a+b joins); None = the only or train.")
+    fields: dict[str, str] | None = Field(None, description="Field mapping TARGET -> SOURCE key (messages -> traj, "
+                                          "message.role -> speaker), applied to every record before validation.")

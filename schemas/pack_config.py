@@ -10,6 +10,7 @@ from schemas.config import FormatOption
 
 TrainOn = Literal["completion", "last", "all"]
 Overflow = Literal["split", "truncate", "drop"]
+ExpandTurns = Literal["auto", "off", "all"]
 
 
 class PackConfig(BaseModel):
@@ -30,6 +31,8 @@ class PackConfig(BaseModel):
     max_len: int = Field(2048, ge=8, description="tokens per row")
     train_on: TrainOn = Field("completion", description="which tokens carry a loss")
     overflow: Overflow = Field("split", description="what to do with an example longer than max_len")
+    expand_turns: ExpandTurns = Field("auto", description="one example per trained reply: auto (where the chat "
+                                      "template renders a reply differently once later turns follow), off, all")
     pack: bool = Field(True, description="pack several examples per row (False: one per row, padded by the collator)")
     pad_to_multiple_of: int = Field(1, ge=1, description="pad every example to a multiple of N tokens (context "
                                     "parallelism: 2 x the CP size); 1 = no padding")
@@ -41,6 +44,8 @@ class PackConfig(BaseModel):
                              "goes alone): bounds the memory of encoding")
     workers: int = Field(0, ge=0, description="encoding processes; 0 = one per CPU (at most 8) for inputs >= 64 MiB")
     dedup: bool = Field(False, description="drop exact duplicate conversations before encoding")
+    fields: dict[str, str] | None = Field(None, description="field mapping TARGET -> SOURCE key for every input "
+                                          "(messages -> traj, message.role -> speaker)")
     overwrite: bool = Field(False, description="replace an existing output folder")
     strict: bool = Field(False, description="exit non-zero if any record or example was rejected")
     recipe: str | None = Field(None, description="recipe file (YAML/TOML): sources, weights, split, options")

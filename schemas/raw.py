@@ -3,16 +3,20 @@
 Each model accepts what real datasets contain; top-level keys a model does not name are kept
 (`extra="allow"`) and end up in the unified record's `meta`, so nothing is lost; so do unknown keys
 inside a ShareGPT or OpenAI message (`meta["message_fields"]`), except an assistant's reasoning
-(`reasoning_content`, `thinking`, `reasoning`), which is folded into its reply. The TypeAdapters are
-built once, here.
+(`reasoning_content`, `thinking`, `reasoning`), which is folded into its reply, and a tool result's
+`name`. Tool traffic keeps its structure: calls (`tool_calls`, `function_call`, ShareGPT `function_call`
+turns, `tool_call` content parts) and results (`tool`/`function`/`observation`/`ipython` messages) are
+parsed by prep.toolcalls; `tools` (or OpenAI's legacy `functions`) may be a list or its JSON text. The
+TypeAdapters are built once, here.
 
 Formats and the keys that identify them (see `record_format` in prep/validate.py):
 
 - `alpaca`: `instruction`, `input` (or Dolly's `context`), `output` (or `response`), optional
   `system` and LLaMA-Factory `history` pairs; also prompt/completion pairs (`prompt` + `completion` strings).
-- `sharegpt`: `conversations: [{from, value}]` (also `{role, content}`), optional `system`.
-- `openai`: `messages: [{role, content}]`, tool roles and `tool_calls` included; `content` may be a list of
-  text parts; an assistant message's `weight` (0 or 1, OpenAI fine-tuning) says whether it is trained.
+- `sharegpt`: `conversations: [{from, value}]` (also `{role, content}`), optional `system` and `tools`.
+- `openai`: `messages: [{role, content}]`, tool roles and `tool_calls` included, optional `tools`; `content` may be
+  a list of typed parts (`text`, `reasoning`, `tool_call`; OpenAI's `text` key or LLaMA-Factory's `value`); an
+  assistant message's `weight` (0 or 1, OpenAI fine-tuning) says whether it is trained.
 - `prompt_completion`: TRL's prompt-completion and preference records: `prompt` (text or messages; optional
   when `chosen` holds the whole conversation) and `completion` or `chosen` (text or messages); `rejected` is kept.
 - `transcript`: one text field (`text` or hh-rlhf's `chosen`) holding a whole dialogue.
@@ -33,21 +37,24 @@ from schemas.conversation import Message, SourceRef
 FormatName = Literal["alpaca", "sharegpt", "openai", "prompt_completion", "transcript", "unified"]
 FORMAT_NAMES: tuple[str, ...] = ("alpaca", "sharegpt", "openai", "prompt_completion", "transcript", "unified")
 
-# Role aliases seen in the wild, mapped to the unified roles. Tool traffic is folded into the
-# dialogue: a tool *call* is something the assistant says, a tool *result* is input to it.
+# Role aliases seen in the wild, mapped to the unified roles. A tool *result* is a `tool` message; a ShareGPT
+# turn that holds a tool *call* (its value is the call as JSON) maps to TOOL_CALL, an assistant message with calls.
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant", "chatgpt", "bing", "bard", "model", "claude", "ai", "bot")
 TOOL_CALL_ROLES = ("function_call", "tool_call")
 TOOL_RESULT_ROLES = ("observation", "tool", "function", "ipython")
 SYSTEM_ROLES = ("system", "developer")  # "developer": OpenAI's name for the system prompt of newer models
+TOOL_CALL = "tool_call"  # not a unified role: the converter makes it an assistant message with `tool_calls`
 ROLE_MAP: dict[str, str] = {  # lower-case role name -> unified role
-    **{r: "user" for r in USER_ROLES + TOOL_RESULT_ROLES},
-    **{r: "assistant" for r in ASSISTANT_ROLES + TOOL_CALL_ROLES},
+    **{r: "user" for r in USER_ROLES},
+    **{r: "tool" for r in TOOL_RESULT_ROLES},
+    **{r: "assistant" for r in ASSISTANT_ROLES},
+    **{r: TOOL_CALL for r in TOOL_CALL_ROLES},
     **{r: "system" for r in SYSTEM_ROLES},
 }
 TOOL_ROLES = frozenset(TOOL_CALL_ROLES + TOOL_RESULT_ROLES)
 SHAREGPT_ROLES = USER_ROLES + ASSISTANT_ROLES + TOOL_CALL_ROLES + TOOL_RESULT_ROLES + ("system",)
-OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 
 
 def role_pattern(roles: tuple[str, ...]) -> str:
@@ -60,10 +67,10 @@ def role_pattern(roles: tuple[str, ...]) -> str:
 
 
 def unified_role(name: str) -> str:
-    """The unified role of a validated role name, whatever its case.
+    """The unified role of a validated role name, whatever its case (TOOL_CALL for a ShareGPT call turn).
 
-    >>> unified_role("GPT"), unified_role("observation")
-    ('assistant', 'user')
+    >>> unified_role("GPT"), unified_role("observation"), unified_role("function_call")
+    ('assistant', 'tool', 'tool_call')
     """
     return ROLE_MAP.get(name) or ROLE_MAP[name.lower()]
 
@@ -119,15 +126,23 @@ class ShareGPTRecord(BaseModel):
 
     conversations: list[ShareGPTTurn]
     system: str | None = None
+    tools: Any = None  # a list of function specs or its JSON text; checked by the converter
 
 
 class ContentPart(BaseModel):
-    """One part of a list `content` (OpenAI / transformers multimodal form); only `text` parts are usable."""
+    """One part of a list `content`: OpenAI / transformers (`{"type": "text", "text": ...}`) or LLaMA-Factory
+    (`{"type": "text" | "reasoning" | "tool_call", "value": ...}`); other types (images, audio) are not text."""
 
     model_config = _ITEM
 
     type: str
     text: str | None = None
+    value: Any = None
+
+    @property
+    def body(self) -> Any:
+        """The part's payload: `text`, else `value`."""
+        return self.text if self.text is not None else self.value
 
 
 class OpenAIMessage(BaseModel):
@@ -137,8 +152,9 @@ class OpenAIMessage(BaseModel):
 
     role: str = Field(pattern=role_pattern(OPENAI_ROLES))
     content: str | list[ContentPart] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    function_call: dict[str, Any] | None = None
+    tool_calls: Any = None  # a list of calls; checked by the converter (invalid_tool_call)
+    function_call: Any = None  # the legacy single call
+    tool_call_id: str | None = None
     weight: Literal[0, 1] | None = None  # OpenAI fine-tuning: 0 = do not train this assistant message
 
 
@@ -152,6 +168,8 @@ class OpenAIRecord(BaseModel):
     model_config = _RECORD
 
     messages: list[OpenAIMessage]
+    tools: Any = None  # [{"type": "function", "function": {...}}] or bare specs, or its JSON text
+    functions: Any = None  # the legacy name of `tools` (bare specs)
 
 
 class PromptCompletionRecord(BaseModel):
@@ -168,6 +186,7 @@ class PromptCompletionRecord(BaseModel):
     prompt: str | list[OpenAIMessage] | None = None
     completion: str | list[OpenAIMessage] | None = None
     chosen: str | list[OpenAIMessage] | None = None
+    tools: Any = None
 
     @model_validator(mode="after")
     def _needs_answer(self) -> PromptCompletionRecord:
@@ -214,6 +233,7 @@ class UnifiedRecord(BaseModel):
     source: SourceRef | None = None
     messages: list[Message]
     meta: dict[str, Any] | Json[dict[str, Any]] = Field(default_factory=dict)
+    tools: list[dict[str, Any]] | Json[list[dict[str, Any]]] | None = None
 
 
 RawRecord = AlpacaRecord | ShareGPTRecord | OpenAIRecord | PromptCompletionRecord | TranscriptRecord | UnifiedRecord

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.config import FormatOption
-from schemas.pack_config import Overflow, TrainOn
+from schemas.pack_config import ExpandTurns, Overflow, TrainOn
 
 
 class Source(BaseModel):
@@ -30,6 +30,8 @@ class Source(BaseModel):
     name: str | None = Field(None, description="label in the manifest (default: the path)")
     subset: str | None = Field(None, description="config of a hub dataset path (hf://datasets/...)")
     split: str | None = Field(None, description="split of a hub dataset path (a+b joins them)")
+    fields: dict[str, str] | None = Field(None, description="field mapping TARGET -> SOURCE key for this source "
+                                          "(messages: traj, tools: functions, message.role: speaker)")
 
     @field_validator("weight")
     @classmethod
@@ -73,12 +75,14 @@ class Recipe(BaseModel):
     max_len: int | None = Field(None, ge=8)
     train_on: TrainOn | None = None
     overflow: Overflow | None = None
+    expand_turns: ExpandTurns | None = None
     pack: bool | None = None
     seed: int | None = None
     shard_size: str | None = None
     batch_bytes: str | None = None
     add_special_tokens: bool | None = None
     dedup: bool | None = None
+    fields: dict[str, str] | None = None
     val_fraction: float | None = None
     val_size: int | None = None
 

@@ -153,7 +153,7 @@ def _tokenizer_entry(tok, name: str, fingerprint: str) -> dict:
 def build_synthetic(
     out: Path, n_tokens: int = 10_000_000, max_len: int = 2048, seed: int = 0, shard_size: str = "256MB"
 ) -> dict:
-    """Valid packed shards of random examples (the embedded 264-token tokenizer), `n_tokens` in all, for speed tests.
+    """Valid packed shards of random examples (the embedded 267-token tokenizer), `n_tokens` in all, for speed tests.
 
     Examples are 16..max_len tokens of random bytes; the first half of each is masked, the rest trained.
     """

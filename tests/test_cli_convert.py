@@ -65,8 +65,9 @@ def test_schema_prints_the_unified_json_schema() -> None:
     assert result.returncode == 0, result.stderr
     schema = json.loads(result.stdout)
     assert schema["title"] == "Conversation"
-    assert set(schema["properties"]) == {"id", "source", "messages", "meta"}
-    assert schema["$defs"]["Message"]["properties"]["role"]["enum"] == ["system", "user", "assistant"]
+    assert set(schema["properties"]) == {"id", "source", "messages", "meta", "tools"}
+    assert schema["$defs"]["Message"]["properties"]["role"]["enum"] == ["system", "user", "assistant", "tool"]
+    assert set(schema["$defs"]["ToolCall"]["properties"]) == {"id", "name", "arguments"}
 
 
 def test_cli_flags_match_config_fields_and_defaults() -> None:

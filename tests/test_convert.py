@@ -32,7 +32,7 @@ from prep.read import RawBatch
 from prep.report import Report
 from prep.validate import validate_batch
 from schemas.config import ConvertConfig
-from schemas.conversation import Conversation, content_hash, conversation_problems
+from schemas.conversation import Conversation, ToolCall, content_hash, conversation_problems
 from schemas.raw import RECORD_ADAPTERS, AlpacaRecord
 from schemas.reject import Reject
 
@@ -78,15 +78,16 @@ def test_alpaca_keeps_unknown_keys_in_meta_and_source() -> None:
     assert (c.source.format, c.id) == ("alpaca", content_hash(c.messages))
 
 
-def test_sharegpt_tool_roles_and_tools_kept_in_meta() -> None:
+def test_sharegpt_function_call_and_observation_become_a_call_and_its_result() -> None:
     row = {"conversations": [{"from": "human", "value": "Weather in Oslo?"},
-                             {"from": "function_call", "value": '{"name": "weather"}'},
+                             {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Oslo"}}'},
                              {"from": "observation", "value": '{"temp": -3}'},
                              {"from": "gpt", "value": "It is -3 °C."}], "tools": '[{"name": "weather"}]'}
     c = convert_one("sharegpt", row)
-    assert [m.role for m in c.messages] == ["user", "assistant", "user", "assistant"]
-    assert c.meta == {"tools": '[{"name": "weather"}]',
-                      "original_roles": ["human", "function_call", "observation", "gpt"]}
+    assert pairs(c) == [("user", "Weather in Oslo?"), ("assistant", ""), ("tool", '{"temp": -3}'),
+                        ("assistant", "It is -3 °C.")]
+    assert c.messages[1].tool_calls == [ToolCall(name="weather", arguments={"city": "Oslo"})]
+    assert c.tools == [{"type": "function", "function": {"name": "weather"}}] and c.meta == {}
 
 
 def test_sharegpt_system_field_and_role_content_keys() -> None:
@@ -95,15 +96,17 @@ def test_sharegpt_system_field_and_role_content_keys() -> None:
     assert pairs(convert_one("sharegpt", row)) == [("system", "Be kind."), ("user", "hi"), ("assistant", "hey")]
 
 
-def test_openai_tool_calls_become_assistant_content() -> None:
+def test_openai_tool_calls_and_tool_messages_keep_their_structure() -> None:
     row = {"messages": [{"role": "user", "content": "EUR to USD?"},
-                        {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "rate"}}]},
-                        {"role": "tool", "content": "1.08"},
+                        {"role": "assistant", "content": None, "tool_calls": [
+                            {"id": "c1", "type": "function", "function": {"name": "rate", "arguments": '{"to": "USD"}'}}]},
+                        {"role": "tool", "content": "1.08", "tool_call_id": "c1", "name": "rate"},
                         {"role": "assistant", "content": "About 1.08."}], "label": True}
     c = convert_one("openai", row)
-    assert pairs(c) == [("user", "EUR to USD?"), ("assistant", '[{"function":{"name":"rate"}}]'),
-                        ("user", "1.08"), ("assistant", "About 1.08.")]
-    assert c.meta == {"label": True, "original_roles": ["user", "assistant", "tool", "assistant"]}
+    assert pairs(c) == [("user", "EUR to USD?"), ("assistant", ""), ("tool", "1.08"), ("assistant", "About 1.08.")]
+    assert c.messages[1].tool_calls == [ToolCall(id="c1", name="rate", arguments={"to": "USD"})]
+    assert (c.messages[2].name, c.messages[2].tool_call_id) == ("rate", "c1")
+    assert c.meta == {"label": True} and c.tools is None
 
 
 def test_openai_developer_role_content_parts_and_weights() -> None:
@@ -300,18 +303,20 @@ REAL = {
     # 8 transcripts have two same-speaker turns in a row (one merge each).
     "hh/harmless-base_test.jsonl.gz": (2312, 2308, {"empty_response": 4}, {"merged_turns": 8}),
     "messages/kto_en_demo.json": (300, 300, {}, {}),
-    # glaive: function_call -> assistant and observation -> user alternate cleanly. The 2 zh dialogues with
-    # gpt, observation, gpt (the call folded into the gpt text by the translation) still alternate: no merges.
-    "sharegpt/glaive_toolcall_en_demo.json": (300, 300, {}, {}),
-    "sharegpt/glaive_toolcall_zh_demo.json": (300, 300, {}, {}),
+    # glaive: every function_call is an assistant message with one call, answered by one observation (a tool
+    # result). In 2 zh dialogues (rows 197, 293) the translation folded the call into the gpt text, so the
+    # observation after it answers no call: orphan_tool_result.
+    "sharegpt/glaive_toolcall_en_demo.json": (300, 300, {}, {"tool_calls": 211, "tool_results": 211}),
+    "sharegpt/glaive_toolcall_zh_demo.json": (300, 298, {"orphan_tool_result": 2},
+                                              {"tool_calls": 216, "tool_results": 216}),
     # 7 chats end with a human turn: 6 are kept, trimmed; the 7th (line 781) is a lone human message, so
     # nothing is left after trimming: no_assistant_turn. The one empty human value (line 59) is allowed.
     "sharegpt/sharegpt_zh_1K_format.jsonl": (1000, 999, {"no_assistant_turn": 1}, {"trimmed_trailing_user": 6}),
 }
-# Exact duplicates (same messages): alpaca en 14, zh 8; glaive en 38 (35 are whole-record duplicates, 3 differ
-# only in `tools`), glaive zh 43. None across files.
+# Exact duplicates (same messages and tools): alpaca en 14, zh 8; glaive en 35 (whole-record duplicates; 3 more
+# records have the messages of another but other `tools`, so they are kept), glaive zh 43. None across files.
 DUPLICATES = {"alpaca/alpaca_en_demo.json": 14, "alpaca/alpaca_zh_demo.json": 8,
-              "sharegpt/glaive_toolcall_en_demo.json": 38, "sharegpt/glaive_toolcall_zh_demo.json": 43}
+              "sharegpt/glaive_toolcall_en_demo.json": 35, "sharegpt/glaive_toolcall_zh_demo.json": 43}
 
 
 @pytest.fixture(scope="module")
@@ -336,10 +341,12 @@ def test_real_data_nothing_is_lost(real_run: tuple[Report, Path]) -> None:
     assert total.read == 10_837 == total.accepted + total.rejected_total
     assert len(out.read_bytes().splitlines()) == total.accepted
     rejects = read_jsonl(Path(report.outputs["rejects"]))
-    assert len(rejects) == total.rejected_total == 5
+    assert len(rejects) == total.rejected_total == 7
     hh = sorted(r["line"] for r in rejects if r["path"].endswith(".gz"))
     assert hh == [87, 517, 926, 1104]
     assert [r["line"] for r in rejects if r["path"].endswith("1K_format.jsonl")] == [781]
+    orphans = [(r["line"], r["errors"][0]["field"]) for r in rejects if r["reason"] == "orphan_tool_result"]
+    assert orphans == [(197, "conversations[2]"), (293, "conversations[2]")]
 
 
 def test_real_data_details(real_run: tuple[Report, Path]) -> None:
@@ -348,8 +355,11 @@ def test_real_data_details(real_run: tuple[Report, Path]) -> None:
     by_file = Counter(Path(r["source"]["path"]).name for r in records)
     assert by_file["kto_en_demo.json"] == 300
     glaive = [r for r in records if "glaive" in r["source"]["path"]]
-    assert all("tools" in r["meta"] for r in glaive)
-    assert sum("original_roles" in r["meta"] for r in glaive) == 153 + 159  # dialogues with tool calls, en + zh
+    assert not any("tools" in r["meta"] for r in glaive)
+    assert sum("tools" in r for r in glaive) == 191 + 198  # records whose `tools` is not "[]", en + zh
+    calls = [m for r in glaive for m in r["messages"] if "tool_calls" in m]
+    assert len(calls) == 211 + 216 and all(m["content"] == "" and len(m["tool_calls"]) == 1 for m in calls)
+    assert sum(any("tool_calls" in m for m in r["messages"]) for r in glaive) == 153 + 157  # dialogues with calls
     kto = [r for r in records if r["source"]["path"].endswith("kto_en_demo.json")]
     assert Counter(r["meta"]["label"] for r in kto) == {True: 150, False: 150}
     sharegpt = {r["source"]["line"]: r for r in records if r["source"]["path"].endswith("1K_format.jsonl")}
@@ -365,7 +375,7 @@ def test_real_data_dedup(shared_data: Path, tmp: Path) -> None:
     report = run([shared_data / name for name in REAL], tmp / "dedup.jsonl", dedup=True)
     got = {os.path.relpath(r.name, shared_data): r.counts.deduplicated for r in report.rows}
     assert {k: v for k, v in got.items() if v} == DUPLICATES
-    assert report.total.accepted == 10_832 - sum(DUPLICATES.values())
+    assert report.total.accepted == 10_830 - sum(DUPLICATES.values())
     report.check_accounting()
 
 
@@ -385,10 +395,11 @@ EXAMPLES = {
     "markers.jsonl": (6, 5, {"empty_response": 1}, {}),
     "mixed_bad.jsonl": (11, 2, {"invalid_json": 2, "invalid_utf8": 1, "wrong_type": 2, "missing_field": 1,
                                 "empty_response": 2, "not_an_object": 1}, {}),
-    "openai.jsonl": (10, 8, {"wrong_type": 1, "misplaced_system": 1}, {}),
+    "openai.jsonl": (10, 8, {"wrong_type": 1, "misplaced_system": 1}, {"tool_calls": 1, "tool_results": 1}),
     "preference.jsonl": (8, 5, {"empty_response": 1, "unknown_role": 1, "missing_field": 1}, {}),
     "sharegpt.jsonl": (12, 8, {"starts_with_assistant": 1, "unknown_role": 1, "empty_response": 1,
-                               "no_assistant_turn": 1}, {"merged_turns": 1, "trimmed_trailing_user": 1}),
+                               "no_assistant_turn": 1}, {"merged_turns": 1, "trimmed_trailing_user": 1,
+                                                         "tool_calls": 1, "tool_results": 1}),
     "transcripts.jsonl.gz": (9, 6, {"empty_response": 1, "unparsable_transcript": 1, "starts_with_assistant": 1},
                              {"merged_turns": 1}),
 }

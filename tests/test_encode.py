@@ -266,12 +266,29 @@ def test_message_train_overrides_the_policy():
 def test_reasoning_is_trained_where_a_chat_template_keeps_it_and_counted_where_it_drops_it():
     tok = tokenizer("qwen2-1.5b-instruct-boundless")  # Qwen's chatml special tokens; the template is Qwen3-like
     one, two, _ = reasoning_conversations()
-    res = Encoder(tok, THINKING_TEMPLATE, max_len=BIG).encode([Conversation(id="a", messages=one),
-                                                                Conversation(id="b", messages=two)])
+    res = Encoder(tok, THINKING_TEMPLATE, max_len=BIG, expand_turns="off").encode(
+        [Conversation(id="a", messages=one), Conversation(id="b", messages=two)])
     first, second = res.table.to_pylist()
     assert _decoded_runs(tok, first) == ["<think>\n2 and 2.\n</think>\n\n4<|im_end|>"]
     assert _decoded_runs(tok, second) == ["4<|im_end|>", "<think>\n3+3.\n</think>\n\n6<|im_end|>"]
     assert res.counts["template_dropped_reasoning"] == 1 and not res.rejected
+
+
+def test_expand_turns_auto_trains_every_reply_with_the_reasoning_inference_writes():
+    tok = tokenizer("qwen2-1.5b-instruct-boundless")
+    one, two, _ = reasoning_conversations()
+    res = Encoder(tok, THINKING_TEMPLATE, max_len=BIG).encode([Conversation(id="a", messages=one),
+                                                                Conversation(id="b", messages=two)])
+    rows = res.table.to_pylist()
+    assert [r["example_id"] for r in rows] == ["a", "b#0", "b#1"]
+    assert [_decoded_runs(tok, r) for r in rows] == [["<think>\n2 and 2.\n</think>\n\n4<|im_end|>"]] * 2 + [
+        ["<think>\n3+3.\n</think>\n\n6<|im_end|>"]]
+    # b#0 is the conversation up to its first reply: exactly apply_chat_template of that prefix
+    prefix = [m.model_dump(exclude={"train"}) for m in two[:2]]
+    assert rows[1]["input_ids"] == tok(tok.apply_chat_template(prefix, tokenize=False,
+                                       chat_template=THINKING_TEMPLATE.chat_template), add_special_tokens=False).input_ids
+    assert (res.counts["expanded"], res.counts["expanded_conversations"]) == (1, 1) and not res.rejected
+    assert res.counts["template_dropped_reasoning"] == 1  # b#1 shows the first reply, as context, without it
 
 
 def test_system_prompt_is_not_trained_except_under_all():

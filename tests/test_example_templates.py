@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +110,11 @@ def test_each_example_is_tagged_with_its_sources_template(mixed):
     assert sorted(set(flat.tolist())) == [0, 1, 2]
     for index, text in zip(flat.tolist(), texts):  # rows are shuffled: the tag follows the example
         assert text.startswith(FIRST_TEXT[names[index]]), (names[index], text[:40])
-    counts = {s["template"]: s["counts"]["train"] for s in manifest["mixture"]["sources"]}
-    assert np.bincount(flat).tolist() == list(counts.values())  # max_len 1024: one example per conversation
+    rejects = [json.loads(line) for line in (shards / "rejects.jsonl").read_text().splitlines()]
+    unwritten = Counter(r["path"] for r in rejects if r["stage"] == "pack")  # qa has no tool layout: its tool chat
+    assert sum(unwritten.values()) == 1 and manifest["counts"]["rejected"]["template_dropped_tools"] == 1
+    written = [s["counts"]["train"] - unwritten[s["paths"][0]] for s in manifest["mixture"]["sources"]]
+    assert np.bincount(flat).tolist() == written  # max_len 1024: one example per conversation
 
 
 def test_pack_prints_the_markers_of_every_template(mixed):
@@ -136,7 +140,7 @@ def test_inspect_highlights_with_the_template_of_each_examples_source(mixed):
             text = "".join(p.text for p in example.pieces)
             if example.template == "chatml":
                 assert "### Step" in text and "###" not in markers  # a heading, not the markers template's end
-                assert "<|im_start|>" in markers
+                assert {"<|im_start|>user", "<|im_start|>assistant", "<|im_end|>"} <= set(markers)  # role markers whole
             elif example.template == "markers":
                 assert markers[-2:] == ["###", "<|endoftext|>"] and set(FIRST_TEXT["markers"]) & set(markers)
             else:

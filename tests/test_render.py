@@ -364,6 +364,9 @@ def test_role_markers():
         "###response###",
         "###human###",
         "###assistant###",
+        "###tools###",
+        "###tool###",
+        "###call###",
     )
     derived = Template(name="x", roles=BUILTIN_TEMPLATES["markers"].roles)
     assert "###" not in derived.role_markers()  # plain-text end marker: markdown uses it

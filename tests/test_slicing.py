@@ -117,13 +117,14 @@ def test_markers_registered_as_special_tokens_slice():
 
 def test_a_template_that_renders_a_reply_differently_in_a_piece_is_tokenized_again():
     """Qwen3-like: a reply's reasoning is rendered only when it is the last turn, so a piece ending with a
-    middle reply is not a run of the whole text; such pieces fall back to tokenizing, with the same result."""
+    middle reply is not a run of the whole text; such pieces fall back to tokenizing, with the same result
+    (`expand_turns="off"`: under the default, such replies get examples of their own before any splitting)."""
     tok = tokenizer("qwen2-1.5b-instruct-boundless")
     _, two, _ = reasoning_conversations()
     long = [Message(role=m.role, content=m.content + " filler" * 60) for m in two]
     convs = [Conversation(id=f"r{i}", messages=long * 3) for i in range(3)]
-    sliced = Encoder(tok, THINKING_TEMPLATE, max_len=300).encode(convs)
-    _assert_same(sliced, Encoder(tok, THINKING_TEMPLATE, max_len=300, slicing=False).encode(convs))
+    sliced = Encoder(tok, THINKING_TEMPLATE, max_len=300, expand_turns="off").encode(convs)
+    _assert_same(sliced, Encoder(tok, THINKING_TEMPLATE, max_len=300, slicing=False, expand_turns="off").encode(convs))
     assert sliced.counts["pieces_tokenized"] > 0
 
 

@@ -49,7 +49,8 @@ def test_role_token_counts_by_span():
     roles, totals = role_token_counts([conv], default_tokenizer(), BUILTIN_TEMPLATES["chatml"])
     # "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo!<|im_end|>"
     # a span is the content plus its end marker; prefixes ("<|im_start|>role\n") and "\n" separators are template
-    assert dict(zip(ROLES, roles.tolist())) == {"system": 2, "user": 3, "assistant": 4, "template": 8 + 6 + 11 + 2}
+    assert dict(zip(ROLES, roles.tolist())) == {"system": 2, "user": 3, "assistant": 4, "tool": 0,
+                                                "template": 8 + 6 + 11 + 2}
     assert totals.tolist() == [roles.sum()]
 
 

@@ -32,7 +32,7 @@ def test_default_tokenizer_is_a_real_fast_tokenizer_with_registered_markers():
     tok = default_tokenizer()
     assert isinstance(tok, PreTrainedTokenizerFast) and tok.is_fast
     assert tok.name_or_path == DEFAULT_TOKENIZER_NAME
-    assert len(tok) == 264
+    assert len(tok) == 267
     assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|endoftext|>", "<|endoftext|>", None)
     specials = {t.content for t in tok.added_tokens_decoder.values() if t.special}
     assert specials == {
@@ -44,6 +44,9 @@ def test_default_tokenizer_is_a_real_fast_tokenizer_with_registered_markers():
         "###response###",
         "###human###",
         "###assistant###",
+        "###tools###",
+        "###tool###",
+        "###call###",
     }
     assert "###" not in specials
 
@@ -119,6 +122,9 @@ def test_check_markers_default_tokenizer_markers_template():
         "###response###",
         "###human###",
         "###assistant###",
+        "###tools###",
+        "###tool###",
+        "###call###",
         "###",
         "<|endoftext|>",
     ]
@@ -167,8 +173,9 @@ def test_register_markers_adds_the_role_markers_but_not_the_bare_end_marker():
     tok = load_tokenizer(str(TOKENIZERS / "gpt2-dialogpt-small"))  # a fresh one: this mutates it
     before = len(tok)
     added = register_markers(tok, BUILTIN_TEMPLATES["markers"])
-    assert added == ["###system###", "###instruction###", "###response###", "###human###", "###assistant###"]
-    assert len(tok) == before + 5
+    assert added == ["###system###", "###instruction###", "###response###", "###human###", "###assistant###",
+                     "###tools###", "###tool###", "###call###"]
+    assert len(tok) == before + 8
     report = {c.marker: c for c in check_markers(BUILTIN_TEMPLATES["markers"], tok)}
     assert report["###response###"].single_token and report["###response###"].stable
     assert not report["###"].special
