@@ -359,7 +359,8 @@ def run_make(block: Block, env: DocsEnv) -> None:
 
 
 def run_using_prep(block: Block, env: DocsEnv) -> None:
-    """convert → pack (the Qwen tokenizer, its chat template) → inspect → verify → train → export, as written."""
+    """convert → pack (the Qwen tokenizer, its chat template) → inspect → verify → export, as written (the train
+    line needs model weights: left out, see HANDLED)."""
     cwd = env.folder("using")
     done = run_shell(block, env, cwd, skip={"prep train shards/ -o run/ --model": "no model weights offline; "
                                             "training the shards: the `prep train` block"})
