@@ -19,6 +19,7 @@ fsspec is imported the first time a URL is actually used.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -388,9 +389,31 @@ def upload_folder(local: Path, url: str, *, overwrite: bool) -> None:
             _clear(fs, root)
             for rel in names:
                 fs.copy(f"{staging}/{rel}", f"{root}/{rel}")
+        except BaseException:
+            _settle(fs)
+            raise
         finally:
             with contextlib.suppress(Exception):  # best effort: a leftover prefix holds no manifest at the output
                 fs.rm(staging, recursive=True)
+
+
+def _settle(fs: Any, timeout: float = 30.0) -> None:
+    """Wait (at most `timeout` s) for the requests still running on an async filesystem's event loop.
+
+    An interrupted `put_file` (Ctrl-C) stops waiting, but its upload goes on in fsspec's loop thread; removing
+    the temporary prefix before it lands would leave that object behind.
+    """
+    loop = getattr(fs, "loop", None)
+    if loop is None or not getattr(loop, "is_running", lambda: False)():
+        return
+
+    async def pending() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(pending(), loop).result(timeout + 5)
 
 
 def _clear(fs: Any, root: str) -> None:
