@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic_core import to_json as _to_json
 
+from prep.contract import EXPAND_TURNS, IGNORE_INDEX, MIN_MAX_LEN, OVERFLOW, TRAIN_ON  # noqa: F401 (re-exported)
 from prep.errors import ConfigError
 from prep.overflow import Piece, Splitter, TooLong, token_range
 from prep.render import Rendered, RenderFailure, Template, render_batch, special_token_regex, special_token_strings
@@ -54,10 +55,6 @@ from prep.turns import expansion
 from schemas.conversation import Conversation, Message
 from schemas.reject import ErrorDetail, Reject
 
-TRAIN_ON = ("completion", "last", "all")
-OVERFLOW = ("split", "truncate", "drop")
-EXPAND_TURNS = ("auto", "off", "all")
-IGNORE_INDEX = -100
 _UNSET = object()
 ENCODED_SCHEMA = pa.schema(
     [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("example_id", pa.string())]
@@ -236,8 +233,8 @@ class Encoder:
         _check_choice("--train-on", train_on, TRAIN_ON)
         _check_choice("--overflow", overflow, OVERFLOW)
         _check_choice("--expand-turns", expand_turns, EXPAND_TURNS)
-        if not isinstance(max_len, int) or max_len < 2:
-            raise ConfigError(f"--max-len {max_len!r}: expected an integer >= 2")
+        if not isinstance(max_len, int) or max_len < MIN_MAX_LEN:
+            raise ConfigError(f"--max-len {max_len!r}: expected an integer >= {MIN_MAX_LEN}")
         if template.append_eos and not tokenizer.eos_token:
             raise ConfigError(f"template {template.name!r} appends EOS, but the tokenizer has no eos_token")
         self.tokenizer, self.template = tokenizer, template

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from prep.contract import IGNORE_INDEX
 from prep.errors import ConfigError, InputError
 
-IGNORE_INDEX = -100
 STYLES = {
     (True, False): "green",  # trained
     (False, False): "grey58",  # masked

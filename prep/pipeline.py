@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prep import __version__
+from prep.contract import FORMAT_VERSION, SPLITS_FORMAT
 from prep.convert import iter_conversations, relaxed_gc
 from prep.encode import EncodeResult, Encoder
 from prep.errors import AccountingError, ConfigError, PrepError, flag_error
@@ -57,7 +58,6 @@ REJECTS_FILE = "rejects.jsonl"
 _FINGERPRINT_EXCLUDE = {"inputs", "output", "overwrite", "strict", "batch_size", "batch_bytes", "workers", "recipe",
                         "subset", "split"}
 SPLITS = ("train", "validation")
-SPLITS_FORMAT = "prep-shards-splits"  # the top-level manifest of a folder holding train/ and validation/
 
 
 @dataclass
@@ -545,7 +545,7 @@ def _split_manifest(run: _Run, report: PackReport) -> dict[str, Any]:
     total = report.inputs.total
     return {
         "format": SPLITS_FORMAT,
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "prep_version": __version__,
         "fingerprint": run.fingerprint,
         "options": _options(run),

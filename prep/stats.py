@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from prep.contract import IGNORE_INDEX, packing_figures
 from prep.errors import ShardError
 
-IGNORE_INDEX = -100
 # "tool": tool results; "template": markers, separators, BOS and tool definitions, outside any message
 ROLES = ("system", "user", "assistant", "tool", "template")
 HIST_BINS = 16
@@ -123,16 +123,6 @@ def length_histogram(lengths: np.ndarray, max_len: int, bins: int = HIST_BINS) -
     return edges, np.bincount(index, minlength=bins).astype(np.int64)
 
 
-def packing(tokens: int, rows: int, max_len: int) -> dict[str, Any]:
-    """Packing numbers as in the manifest: efficiency, the lower bound ceil(tokens / max_len), rows.
-
-    >>> packing(1000, 3, 512)
-    {'efficiency': 0.651042, 'lower_bound_rows': 2, 'rows': 3}
-    """
-    efficiency = round(tokens / (rows * max_len), 6) if rows else 0.0
-    return {"efficiency": efficiency, "lower_bound_rows": -(-tokens // max_len), "rows": rows}
-
-
 # --------------------------------------------------------------------------------------------------
 # Shards
 
@@ -176,7 +166,7 @@ def shard_stats(path: str | Path, top: int = 5) -> Stats:
         trained,
         {"trained": n_trained, "masked": tokens - n_trained},
         counts,
-        packing(tokens, shards.num_rows, shards.max_len),
+        packing_figures(tokens, shards.num_rows, shards.max_len),
         _longest_in_rows(lengths, trained, rows_of, top),
         manifest,
         row_tokens,
@@ -398,7 +388,7 @@ class _InputAccumulator:
         longest = tuple(Longest(n, t, eid) for n, t, eid in sorted(self.longest, key=lambda x: (-x[0], x[2])))
         roles = dict(zip(ROLES, self.roles.tolist()))
         return Stats(
-            source, "inputs", max_len, lengths, trained, roles, counts, packing(tokens, rows, max_len), longest,
+            source, "inputs", max_len, lengths, trained, roles, counts, packing_figures(tokens, rows, max_len), longest,
             row_tokens=row_tokens, packed=pack,
         )
 

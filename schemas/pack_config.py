@@ -6,11 +6,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prep.contract import EXPAND_TURNS, MIN_MAX_LEN, OVERFLOW, TRAIN_ON
 from schemas.config import FormatOption
 
-TrainOn = Literal["completion", "last", "all"]
-Overflow = Literal["split", "truncate", "drop"]
-ExpandTurns = Literal["auto", "off", "all"]
+# The vocabularies are declared once, in prep.contract (stdlib-only, so the CLI and the encoder use them too).
+TrainOn = Literal[TRAIN_ON]  # type: ignore[valid-type]
+Overflow = Literal[OVERFLOW]  # type: ignore[valid-type]
+ExpandTurns = Literal[EXPAND_TURNS]  # type: ignore[valid-type]
 
 
 class PackConfig(BaseModel):
@@ -28,7 +30,7 @@ class PackConfig(BaseModel):
     tokenizer: str | None = Field(None, description="local folder or hub id; None = embedded demo tokenizer")
     trust_remote_code: bool = Field(False, description="allow a hub tokenizer's own code to run")
     template: str = Field("markers", description="markers | chatml | tokenizer | path to a TOML/YAML template")
-    max_len: int = Field(2048, ge=8, description="tokens per row")
+    max_len: int = Field(2048, ge=MIN_MAX_LEN, description="tokens per row")
     train_on: TrainOn = Field("completion", description="which tokens carry a loss")
     overflow: Overflow = Field("split", description="what to do with an example longer than max_len")
     expand_turns: ExpandTurns = Field("auto", description="one example per trained reply: auto (where the chat "

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from prep import __version__
+from prep.contract import IGNORE_INDEX
 from prep.errors import ConfigError, ShardError
 from prep.load import load_shards, read_manifest, split_names
 from prep.write import sha256_file, staging_dir, write_json
@@ -35,7 +36,6 @@ from schemas.export_config import ExportConfig
 FORMAT = "prep-export"
 FORMAT_VERSION = 1
 SPLITS_FORMAT = "prep-export-splits"
-IGNORE_INDEX = -100
 UNPADDED_COLUMN = "seq_lengths_unpadded"
 
 
