@@ -67,7 +67,6 @@ from schemas.raw import (
 )
 from schemas.reject import ErrorDetail, Reject
 
-ConvertReport = Report
 TURN_SEPARATOR = "\n\n"
 _to_json = pydantic_core.to_json
 

@@ -22,9 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from prep.contract import (  # noqa: F401 (re-exported: the trainer and users import them from prep.load)
-    FORMAT,
-    FORMAT_VERSION,
+from prep.contract import (
     IGNORE_INDEX,
     PACKED_COLUMNS,
     SPLITS_FILE,

@@ -48,11 +48,6 @@ class Counts:
         self.rejected.update(other.rejected)
         self.events.update(other.events)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready form, keys sorted (for manifests)."""
-        return {"read": self.read, "accepted": self.accepted, "deduplicated": self.deduplicated,
-                "rejected": dict(sorted(self.rejected.items())), "events": dict(sorted(self.events.items()))}
-
 
 @dataclass
 class ReportRow:
@@ -100,11 +95,6 @@ class Report:
                     f"{row.name}: read {c.read} != accepted {c.accepted} + rejected {c.rejected_total}"
                     f" + deduplicated {c.deduplicated}; this is a bug in prep, please report it"
                 )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready form: title, rows, total and outputs."""
-        return {"title": self.title, "outputs": dict(self.outputs), "total": self.total.to_dict(),
-                "rows": [{"name": r.name, "kind": r.kind, **r.counts.to_dict()} for r in self.rows]}
 
 
 def render_report(report: Report) -> Any:

@@ -27,7 +27,6 @@ import numpy as np
 import pyarrow as pa
 
 from prep import __version__
-from prep.contract import IGNORE_INDEX
 from prep.errors import ConfigError, ShardError
 from prep.load import load_shards, read_manifest, split_names
 from prep.write import sha256_file, staging_dir, write_json
