@@ -44,7 +44,7 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
-        raise ConfigError(f"{path}: {key_path(first['loc'])}: {_message(first)}") from None
+        raise ConfigError(f"{path}: {key_path(first['loc'])}: {_recipe_error_text(first)}") from None
     return _resolved(recipe, Path(path))
 
 
@@ -57,7 +57,7 @@ def key_path(loc: Sequence[str | int]) -> str:
     return location_path(loc) or "recipe"
 
 
-def _message(error: dict[str, Any]) -> str:
+def _recipe_error_text(error: dict[str, Any]) -> str:
     """A pydantic error message without the 'Value error, ' prefix; unknown keys say so."""
     if error["type"] == "extra_forbidden":
         return "unknown key (check its spelling against the recipe format in the README)"
