@@ -53,13 +53,13 @@ def convert(
     from rich.console import Console
 
     from prep.convert import build_config, check_strict, convert_files
-    from prep.report import render_report
+    from prep.report import report_table
 
     config = build_config(inputs=inputs, output=output, format=format, rejects=rejects, overwrite=overwrite,
                           strict=strict, dedup=dedup, subset=subset, split=split, fields=fields)
     report = convert_files(config, progress=sys.stderr.isatty())
     console = Console()
-    console.print(render_report(report))
+    console.print(report_table(report))
     console.print(f"wrote {report.total.accepted:,} conversations to {report.outputs['conversations']}, "
                   f"{report.total.rejected_total:,} rejects to {report.outputs['rejects']}", highlight=False,
                   markup=False, soft_wrap=True)
@@ -139,11 +139,12 @@ def pack(
     flags = dict(locals())  # first statement: exactly the parameters; None = not given
     from rich.console import Console
 
-    from prep.pipeline import build_config, check_strict, pack_shards, render_pack_report
+    from prep.pipeline import build_config, check_strict, pack_shards
+    from prep.report import pack_summary
 
     config = build_config(**flags)
     report = pack_shards(config, progress=sys.stderr.isatty())
-    Console().print(render_pack_report(report))
+    Console().print(pack_summary(report))
     check_strict(config, report)
 
 
@@ -160,7 +161,7 @@ def export(
     from rich.console import Console
 
     from prep.errors import flag_error
-    from prep.export import export_shards, render_export
+    from prep.export import export_shards, export_summary
     from pydantic import ValidationError
     from schemas.export_config import ExportConfig
 
@@ -168,7 +169,7 @@ def export(
         config = ExportConfig(**flags)
     except ValidationError as e:
         raise flag_error(e) from None
-    Console().print(render_export(export_shards(config)))
+    Console().print(export_summary(export_shards(config)))
 
 
 @app.command()
@@ -191,7 +192,7 @@ def inspect(
     from rich.console import Console
 
     from prep.errors import ConfigError
-    from prep.inspect import inspect_record, inspect_shards, render_row
+    from prep.inspect import inspect_record, inspect_shards, row_display
     from prep.load import split_path
     from prep.remote import is_url
 
@@ -203,7 +204,7 @@ def inspect(
         view = inspect_record(path, record, tokenizer=tokenizer, template=template, train_on=train_on,
                               max_len=max_len, overflow=overflow, format=format,
                               trust_remote_code=trust_remote_code, example=example)
-    Console().print(render_row(view, ids=ids))
+    Console().print(row_display(view, ids=ids))
 
 
 @app.command()
@@ -228,7 +229,7 @@ def stats(
 
     from prep.load import split_path
     from prep.remote import is_shard_folder
-    from prep.stats import input_stats, render_stats, shard_stats
+    from prep.stats import input_stats, stats_summary, shard_stats
 
     if plot:  # before any work: a wrong suffix or a missing matplotlib is one line, not a wasted run
         from prep.plot import check_plot_path
@@ -240,7 +241,7 @@ def stats(
         result = input_stats(inputs, tokenizer=tokenizer, template=template, train_on=train_on, max_len=max_len,
                              overflow=overflow, format=format, pack=pack, top=top,
                              trust_remote_code=trust_remote_code)
-    Console().print(render_stats(result, bins=bins))
+    Console().print(stats_summary(result, bins=bins))
     if plot:
         from prep.plot import write_plot
 
@@ -257,7 +258,7 @@ def verify(
     from rich.console import Console
 
     from prep.remote import join
-    from prep.verify import render_verify, verify_shards
+    from prep.verify import verify_summary, verify_shards
 
     from prep.load import split_names
 
@@ -265,7 +266,7 @@ def verify(
     ok = True
     for folder in folders:
         report = verify_shards(folder, limit=limit)
-        Console(soft_wrap=True).print(render_verify(report))
+        Console(soft_wrap=True).print(verify_summary(report))
         ok = ok and report.ok
     if not ok:
         raise typer.Exit(1)

@@ -18,6 +18,8 @@ FORMAT_VERSION = 1
 SPLITS_FORMAT = "prep-shards-splits"  # the top-level manifest of a folder holding train/ and validation/
 SPLITS_FILE = "dataset_dict.json"  # marks a folder of split shard folders (what datasets.load_from_disk reads)
 MANIFEST = "manifest.json"  # written last: its presence means the folder is complete
+REJECTS_FILE = "rejects.jsonl"  # beside the manifest: every rejected record or example, one JSON line each
+SPLITS = ("train", "validation")  # the split folders of an output packed with a validation split
 IGNORE_INDEX = -100  # the label of a token without a loss (PyTorch cross-entropy and HF convention)
 
 PACKED_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lengths")

@@ -64,8 +64,8 @@ COUNT_KEYS = (
     "examples",
     "tokens",
     "trained_tokens",
-    "split",
-    "split_conversations",
+    "extra_pieces",
+    "pieced_conversations",
     "truncated",
     "dropped",
     "rejected",
@@ -87,8 +87,8 @@ class EncodeResult:
     Attributes:
         table: one row per written example, columns `input_ids` and `labels` (list<int32>, same length)
             and `example_id` (the conversation id; `id#k` for the k-th piece of a split conversation).
-        counts: conversations (in), examples (written), tokens, trained_tokens, split (extra examples
-            made by splitting), split_conversations, truncated, dropped (too long under the overflow
+        counts: conversations (in), examples (written), tokens, trained_tokens, extra_pieces (extra examples
+            made by splitting over-long conversations into pieces), pieced_conversations, truncated, dropped (too long under the overflow
             policy), rejected (failed a check), template_dropped_message (messages a chat template did
             not render), template_dropped_reasoning (replies whose folded reasoning a chat template left
             out), template_dropped_content (tool-call messages whose content a chat template did not render,
@@ -96,7 +96,7 @@ class EncodeResult:
             expanded (extra examples made by expanding conversations into one example per reply, see
             `expand_turns`), expanded_conversations, pieces_sliced / pieces_tokenized (split pieces, at every
             round of refinement, whose ids were cut from the whole conversation's by prep.slicing / tokenized
-            on their own). Invariant: conversations + split + expanded == examples + dropped + rejected.
+            on their own). Invariant: conversations + extra_pieces + expanded == examples + dropped + rejected.
         rejected: rejected examples by reason (drops are `counts["dropped"]`, reason `too_long`).
         rejects: one Reject (stage "pack") per dropped or rejected example.
     """
@@ -719,8 +719,8 @@ class Encoder:
             else:
                 rejected[o.reason] += 1
         for n in pieces.values():
-            counts["split"] += n - 1
-            counts["split_conversations"] += n > 1
+            counts["extra_pieces"] += n - 1
+            counts["pieced_conversations"] += n > 1
         table = _table(ids_flat, labels_flat, lengths, np.array(rows, dtype=np.int64), names)
         counts["examples"] = table.num_rows
         counts["tokens"] = int(lengths.sum())

@@ -1,6 +1,6 @@
 """See what the model will learn: decode a packed row (or one input record) into trained and masked pieces.
 
-The library part returns data (`RowView` → `ExampleView` → `Piece(text, trained, marker)`); `render_row`
+The library part returns data (`RowView` → `ExampleView` → `Piece(text, trained, marker)`); `row_display`
 turns it into rich renderables. Trained tokens are green, masked ones grey; template markers and special
 tokens are shown in reverse video in the colour of their mask, so `###response###` masked and `<|im_end|>`
 trained are both visible at a glance. In agent data, a record's tool calls are underlined and its tool results
@@ -400,7 +400,7 @@ def _nth_conversation(path: str | Path, record: int, format: str) -> Any:
 # Rendering (rich)
 
 
-def render_row(view: RowView, ids: bool = False) -> Any:
+def row_display(view: RowView, ids: bool = False) -> Any:
     """A rich renderable of a RowView: a legend, then each example under a rule with its counts.
 
     With `ids`, each example is followed by a table of its tokens: position, id, label and token text.

@@ -670,7 +670,7 @@ def _report_tokens(
 # Rendering (rich)
 
 
-def render_verify(report: VerifyReport) -> Any:
+def verify_summary(report: VerifyReport) -> Any:
     """A rich renderable: one red line per problem, or one green line when every check holds."""
     from rich.console import Group
     from rich.text import Text

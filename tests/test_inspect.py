@@ -21,7 +21,7 @@ from prep.inspect import (
     iter_row_views,
     label_pieces,
     marker_pattern,
-    render_row,
+    row_display,
     token_texts,
 )
 from prep.render import BUILTIN_TEMPLATES
@@ -127,7 +127,7 @@ def test_row_and_example_selection_and_ids_table():
     assert [e.index for e in last.examples] == [view.num_examples - 1]
     assert last.examples[0].start == view.examples[-1].start
     console = Console(record=True, width=200)
-    console.print(render_row(last, ids=True))
+    console.print(row_display(last, ids=True))
     out = console.export_text()
     ex = last.examples[0]
     assert f"{ex.start}  " in out and str(int(ex.input_ids[0])) in out and "-100" in out

@@ -229,7 +229,7 @@ def _splits_manifest(shards: Path, names: list[str], splits: dict[str, dict], co
     }
 
 
-def render_export(report: ExportReport) -> Any:
+def export_summary(report: ExportReport) -> Any:
     """One line per exported folder: rows, examples, tokens and files written."""
     from rich.console import Group
     from rich.text import Text
