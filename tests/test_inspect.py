@@ -13,7 +13,7 @@ from _packed import ALPACA_EN, DATA, TOKENIZERS, packed_shards, tokenizer
 from prep.errors import ConfigError, InputError
 from prep.inspect import (
     NEWLINE_GLYPH,
-    Piece,
+    TextSpan,
     example_text,
     example_views,
     inspect_record,
@@ -43,13 +43,13 @@ def test_label_pieces_cut_at_mask_changes_and_markers():
     labels = np.where(np.arange(len(ids)) >= n_prompt, ids, -100)
     pieces = label_pieces(ids, labels, tok, marker_pattern(tok, BUILTIN_TEMPLATES["markers"]))
     assert pieces == [
-        Piece("###instruction###", False, True),
-        Piece("\nQ?\n\n", False),
-        Piece("###response###", False, True),
-        Piece("\n", False),
-        Piece("A!\n", True),
-        Piece("###", True, True),
-        Piece("<|endoftext|>", True, True),
+        TextSpan("###instruction###", False, True),
+        TextSpan("\nQ?\n\n", False),
+        TextSpan("###response###", False, True),
+        TextSpan("\n", False),
+        TextSpan("A!\n", True),
+        TextSpan("###", True, True),
+        TextSpan("<|endoftext|>", True, True),
     ]
 
 
