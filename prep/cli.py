@@ -13,7 +13,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from prep.contract import EXPAND_TURNS, OVERFLOW, TRAIN_ON
 from prep.errors import PrepError
 from prep.train_config import typer_parameters
 
@@ -77,9 +76,9 @@ def schema() -> None:
 # Shared option types of the commands that render and tokenize.
 TokenizerOpt = Annotated[Optional[str], typer.Option(help="Local folder or hub id; default: the embedded demo tokenizer.")]
 TemplateOpt = Annotated[str, typer.Option(help="markers | chatml | tokenizer | path to a TOML/YAML template.")]
-TrainOnOpt = Annotated[str, typer.Option("--train-on", help=" | ".join(TRAIN_ON) + ": which tokens carry a loss.")]
+TrainOnOpt = Annotated[str, typer.Option("--train-on", help="completion | last | all: which tokens carry a loss.")]
 MaxLenOpt = Annotated[int, typer.Option("--max-len", help="Tokens per row (and the longest example).")]
-OverflowOpt = Annotated[str, typer.Option(help=" | ".join(OVERFLOW) + ": what happens to a longer example.")]
+OverflowOpt = Annotated[str, typer.Option(help="split | truncate | drop: what happens to a longer example.")]
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="auto|alpaca|sharegpt|openai|prompt_completion|transcript|unified")]
 SplitOpt = Annotated[str, typer.Option(help="Which split of a folder packed with a validation split.")]
 RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub tokenizer's own code to run.")]
@@ -100,8 +99,8 @@ def pack(
     template: Annotated[Optional[str], typer.Option(help="markers | chatml | tokenizer | path; default markers.")] = None,
     max_len: Annotated[Optional[int], typer.Option("--max-len", help="Tokens per row; default 2048.")] = None,
     train_on: Annotated[Optional[str], typer.Option(
-        "--train-on", help=" | ".join(TRAIN_ON) + "; default completion.")] = None,
-    overflow: Annotated[Optional[str], typer.Option(help=" | ".join(OVERFLOW) + "; default split.")] = None,
+        "--train-on", help="completion | last | all; default completion.")] = None,
+    overflow: Annotated[Optional[str], typer.Option(help="split | truncate | drop; default split.")] = None,
     pack: Annotated[Optional[bool], typer.Option("--pack/--no-pack", help="Pack several examples per row.",
                                                  show_default="pack")] = None,
     pad_to_multiple_of: Annotated[Optional[int], typer.Option(
@@ -118,8 +117,8 @@ def pack(
                                                   show_default="no")] = None,
     fields: FieldOpt = None,
     expand_turns: Annotated[Optional[str], typer.Option(
-        "--expand-turns", help=" | ".join(EXPAND_TURNS) + ": one example per trained reply, each with the turns "
-                               "before it as masked context (auto: only where the chat template renders a reply differently once "
+        "--expand-turns", help="auto | off | all: one example per trained reply, each with the turns before it as "
+                               "masked context (auto: only where the chat template renders a reply differently once "
                                "later turns follow, e.g. Qwen3 dropping earlier reasoning); default auto.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Conversations per tokenizer call, at most.")] = 2048,
     batch_bytes: Annotated[Optional[str], typer.Option(

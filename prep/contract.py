@@ -1,8 +1,8 @@
 """The shard contract (docs/contract.md) in one place: names, columns, vocabularies and the manifest check.
 
-Standard library only: `prep.load` and `prep.train` import it on machines without pydantic or datasets, and
-`schemas/` derives its option types from the vocabularies here. Every other module imports these facts from
-here rather than restating them.
+Standard library only: `prep.load` and `prep.train` import it on machines without pydantic or datasets. Every
+other module imports these facts from here rather than restating them. (The option vocabularies, train-on,
+overflow and expand-turns, and the bounds of max_len are declared once in schemas/pack_config.py.)
 
 >>> check_manifest({"format": FORMAT, "format_version": FORMAT_VERSION})
 "missing keys ['max_len', 'packed', 'tokenizer', 'columns', 'shards', 'counts']"
@@ -27,13 +27,6 @@ UNPACKED_COLUMNS = (*PACKED_COLUMNS, "attention_mask")
 UNPADDED_COLUMN = "seq_lengths_unpadded"  # the real example lengths, present with --pad-to-multiple-of N > 1
 REQUIRED_KEYS = ("max_len", "packed", "tokenizer", "columns", "shards", "counts")
 WRITER_KEYS = tuple(k for k in REQUIRED_KEYS if k != "tokenizer")  # the tokenizer entry comes from write's caller
-
-TRAIN_ON = ("completion", "last", "all")  # which tokens carry a loss
-OVERFLOW = ("split", "truncate", "drop")  # what happens to an example longer than max_len
-EXPAND_TURNS = ("auto", "off", "all")  # one example per trained reply
-# A row must hold a template's markers plus some text: below 8 tokens nothing useful fits, and a value that
-# small is a typo (the encoder and `prep pack` accept the same range, so library and CLI agree).
-MIN_MAX_LEN = 8
 
 
 def shard_columns(packed: bool, padded: bool = False) -> tuple[str, ...]:

@@ -38,13 +38,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pyarrow as pa
 from pydantic_core import to_json as _to_json
 
-from prep.contract import EXPAND_TURNS, IGNORE_INDEX, MIN_MAX_LEN, OVERFLOW, TRAIN_ON  # noqa: F401 (re-exported)
+from prep.contract import IGNORE_INDEX
 from prep.errors import ConfigError
 from prep.overflow import Piece, Splitter, TooLong, token_range
 from prep.render import Rendered, RenderFailure, Template, render_batch, special_token_regex, special_token_strings
@@ -53,8 +53,12 @@ from prep.token_bytes import ByteTable
 from prep.tokenizer import adds_bos
 from prep.turns import expansion
 from schemas.conversation import Conversation, Message
+from schemas.pack_config import MIN_MAX_LEN, ExpandTurns, Overflow, TrainOn
 from schemas.reject import ErrorDetail, Reject
 
+TRAIN_ON: tuple[str, ...] = get_args(TrainOn)
+OVERFLOW: tuple[str, ...] = get_args(Overflow)
+EXPAND_TURNS: tuple[str, ...] = get_args(ExpandTurns)
 _UNSET = object()
 ENCODED_SCHEMA = pa.schema(
     [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("example_id", pa.string())]

@@ -6,13 +6,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from prep.contract import EXPAND_TURNS, MIN_MAX_LEN, OVERFLOW, TRAIN_ON
 from schemas.config import FormatOption
 
-# The vocabularies are declared once, in prep.contract (stdlib-only, so the CLI and the encoder use them too).
-TrainOn = Literal[TRAIN_ON]  # type: ignore[valid-type]
-Overflow = Literal[OVERFLOW]  # type: ignore[valid-type]
-ExpandTurns = Literal[EXPAND_TURNS]  # type: ignore[valid-type]
+# Declared once: prep.encode takes its valid values from these (typing.get_args), recipes reuse them.
+TrainOn = Literal["completion", "last", "all"]
+Overflow = Literal["split", "truncate", "drop"]
+ExpandTurns = Literal["auto", "off", "all"]
+# A row must hold a template's markers plus some text: below 8 tokens nothing useful fits, and a value that small
+# is a typo. The encoder (library) and `prep pack` (this config) accept the same range.
+MIN_MAX_LEN = 8
 
 
 class PackConfig(BaseModel):

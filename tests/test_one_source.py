@@ -37,12 +37,51 @@ def _modules_matching(pattern: str) -> list[str]:
         r"\"seq_lengths_unpadded\"",  # load, pack, verify
         r"\(\"input_ids\", \"labels\", \"position_ids\", \"seq_lengths\"\)",  # load, pack, verify
         r"round\(tokens / \(rows \* max_len\)",  # the packing efficiency: pack, stats
-        r"\(\"completion\", \"last\", \"all\"\)",  # encode's TRAIN_ON
-        r"Literal\[\"completion\", \"last\", \"all\"\]",  # ... and schemas/pack_config.py's TrainOn, now derived
     ],
 )
 def test_each_contract_fact_is_written_in_prep_contract_alone(pattern):
     assert _modules_matching(pattern) in ([], ["prep/contract.py"]), pattern
+
+
+@pytest.mark.parametrize("pattern", [r"\"completion\", \"last\", \"all\"", r"\"split\", \"truncate\", \"drop\"",
+                                     r"\"auto\", \"off\", \"all\"", r"^MIN_MAX_LEN\s*="])
+def test_option_vocabularies_and_the_max_len_bound_are_declared_in_the_pack_config_alone(pattern):
+    """encode.py takes them from schemas/pack_config.py (typing.get_args), not from a tuple of its own."""
+    assert _modules_matching(pattern) == ["schemas/pack_config.py"], pattern
+
+
+def test_encoder_and_pack_config_bound_max_len_alike():
+    from prep.encode import Encoder
+    from prep.errors import ConfigError
+    from prep.render import BUILTIN_TEMPLATES
+    from prep.tokenizer import default_tokenizer
+    from schemas.pack_config import MIN_MAX_LEN, PackConfig
+
+    assert PackConfig(inputs=["a"], output="o", max_len=MIN_MAX_LEN).max_len == MIN_MAX_LEN
+    Encoder(default_tokenizer(), BUILTIN_TEMPLATES["markers"], max_len=MIN_MAX_LEN)
+    with pytest.raises(ValueError, match="greater than or equal to 8"):
+        PackConfig(inputs=["a"], output="o", max_len=MIN_MAX_LEN - 1)
+    with pytest.raises(ConfigError, match="expected an integer >= 8"):
+        Encoder(default_tokenizer(), BUILTIN_TEMPLATES["markers"], max_len=MIN_MAX_LEN - 1)
+
+
+def test_cli_help_lists_each_vocabulary_as_the_config_declares_it():
+    """The CLI cannot import schemas (pydantic) when it starts, so its help texts spell the values out: checked."""
+    from typing import get_args
+
+    from typer.main import get_command
+
+    from prep.cli import app
+    from schemas.pack_config import ExpandTurns, Overflow, TrainOn
+
+    vocabularies = {"train_on": TrainOn, "overflow": Overflow, "expand_turns": ExpandTurns}
+    seen = 0
+    for command in get_command(app).commands.values():  # type: ignore[attr-defined]
+        for param in command.params:
+            if param.name in vocabularies:
+                assert param.help.startswith(" | ".join(get_args(vocabularies[param.name]))), (command.name, param.name)
+                seen += 1
+    assert seen >= 5  # pack, stats and inspect take --train-on; pack and stats --overflow; pack --expand-turns
 
 
 def test_contract_facts_are_where_the_modules_read_them():
