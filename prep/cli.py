@@ -6,9 +6,9 @@ Defaults here mirror schemas.config.ConvertConfig (tests/test_cli_convert.py che
 
 from __future__ import annotations
 
-from inspect import Signature
 import os
 import sys
+from inspect import Signature
 from typing import Annotated, Optional
 
 import typer

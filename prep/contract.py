@@ -1,4 +1,4 @@
-"""The shard contract (docs/contract.md) in one place: names, columns, vocabularies and the manifest check.
+"""The shard contract (docs/contract.md) in one place: format and file names, columns, the manifest check.
 
 Standard library only: `prep.load` and `prep.train` import it on machines without pydantic or datasets. Every
 other module imports these facts from here rather than restating them. (The option vocabularies, train-on,
