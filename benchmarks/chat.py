@@ -5,7 +5,9 @@ conversations.
     python benchmarks/chat.py memory [--conversations 1000] [--workers 1]
 
 speed: each run is a whole process (`python -m prep pack ...` / `python benchmarks/chat.py bare ...`), from
-interpreter start to exit, with the SmolLM2 tokenizer and `--template tokenizer`; the runs of one repeat are
+interpreter start to exit, with `--template tokenizer` and the SmolLM2 tokenizer (chat) or Qwen2.5-Instruct's
+(agent: SmolLM2's chat template has no notion of tools, so prep rejects every tool conversation with it); the
+runs of one repeat are
 interleaved, so a busy spell on a shared machine hits every side, and the median of the repeats is printed,
 with wall and CPU seconds (user + system, all threads) and peak RSS.
 - bare: read the conversations (unified JSON Lines, made by `prep convert` beforehand, not timed), one
@@ -43,6 +45,7 @@ from typing import NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 SMOLLM2 = SHARED / "tokenizers" / "smollm2-135m"
+QWEN25 = SHARED / "tokenizers" / "qwen2.5-0.5b-instruct"  # agent data needs a chat template that renders tools
 CHATS = SHARED / "sharegpt" / "sharegpt_zh_1K_format.jsonl"
 AGENT = [SHARED / "sharegpt" / "glaive_toolcall_en_demo.json", SHARED / "sharegpt" / "glaive_toolcall_zh_demo.json"]
 
@@ -159,14 +162,30 @@ def bare(path: str, tokenizer: str) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    conversations = []
+    conversations, tools = [], []
     with open(path, encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
-            conversations.append([{"role": m["role"], "content": m["content"]} for m in record["messages"]])
-    texts = tok.apply_chat_template(conversations, tokenize=False)
+            conversations.append([_chat_message(m) for m in record["messages"]])
+            tools.append(record.get("tools"))
+    if any(tools):  # tool definitions differ per conversation: one call each, as a user would write it
+        texts = [tok.apply_chat_template(c, tools=t, tokenize=False) for c, t in zip(conversations, tools)]
+    else:
+        texts = tok.apply_chat_template(conversations, tokenize=False)
     ids = tok(texts, add_special_tokens=False)["input_ids"]
     print(sum(map(len, ids)))
+
+
+def _chat_message(m: dict) -> dict:
+    """A unified message as the OpenAI-style dict chat templates take (tool calls under `function`)."""
+    out = {"role": m["role"], "content": m["content"]}
+    if m.get("tool_calls"):
+        out["tool_calls"] = [{"type": "function", "id": c.get("id"),
+                              "function": {"name": c["name"], "arguments": c["arguments"]}} for c in m["tool_calls"]]
+    for key in ("name", "tool_call_id"):
+        if m.get(key) is not None:
+            out[key] = m[key]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,18 +199,19 @@ def speed(args: argparse.Namespace) -> None:
         raw = chat_data(work) if args.data == "chat" else agent_data(work)
         conversations = unified(raw, work)
         lines = sum(1 for _ in open(conversations, encoding="utf-8"))
+        tokenizer = Path(args.tokenizer) if args.tokenizer else SMOLLM2 if args.data == "chat" else QWEN25
         print(f"data: {args.data}, {lines:,} conversations ({raw.stat().st_size / 1e6:.0f} MB raw); tokenizer "
-              f"{SMOLLM2.name}, --template tokenizer; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
+              f"{tokenizer.name}, --template tokenizer; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
         runs: dict[str, list[Run]] = {}
         tokens: dict[str, int] = {}
         for _ in range(args.repeats):
-            run, out = run_process([sys.executable, __file__, "bare", str(conversations), str(SMOLLM2)])
+            run, out = run_process([sys.executable, __file__, "bare", str(conversations), str(tokenizer)])
             runs.setdefault("bare", []).append(run)
             tokens["bare"] = int(out.strip().splitlines()[-1])
             for max_len in args.max_len:
                 shards = work / f"shards-{max_len}"
                 run, _ = run_process([sys.executable, "-m", "prep", "pack", str(raw), "-o", str(shards),
-                                      "--overwrite", "--max-len", str(max_len), "--tokenizer", str(SMOLLM2),
+                                      "--overwrite", "--max-len", str(max_len), "--tokenizer", str(tokenizer),
                                       "--template", "tokenizer", "--workers", str(args.workers)])
                 runs.setdefault(f"--max-len {max_len}", []).append(run)
                 manifest = json.loads((shards / "manifest.json").read_text())
@@ -268,6 +288,7 @@ def main() -> None:
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--max-len", type=int, action="append")
     s.add_argument("--workers", type=int, default=0)
+    s.add_argument("--tokenizer", default=None, help="default: SmolLM2 for chat, Qwen2.5-Instruct for agent data")
     s.add_argument("--workdir", default=None)
     m = sub.add_parser("memory")
     m.add_argument("--conversations", type=int, default=1000)
