@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
+from inspect import Signature
 from typing import Annotated, Optional
 
 import typer
 
 from prep.errors import PrepError
+from prep.train_config import typer_parameters
 
 FORMAT_HELP = "auto (detect per file), alpaca, sharegpt, openai, prompt_completion, transcript or unified."
 SubsetOpt = Annotated[Optional[str], typer.Option(
@@ -50,13 +52,13 @@ def convert(
     from rich.console import Console
 
     from prep.convert import build_config, check_strict, convert_files
-    from prep.report import render_report
+    from prep.report import report_table
 
     config = build_config(inputs=inputs, output=output, format=format, rejects=rejects, overwrite=overwrite,
                           strict=strict, dedup=dedup, subset=subset, split=split, fields=fields)
     report = convert_files(config, progress=sys.stderr.isatty())
     console = Console()
-    console.print(render_report(report))
+    console.print(report_table(report))
     console.print(f"wrote {report.total.accepted:,} conversations to {report.outputs['conversations']}, "
                   f"{report.total.rejected_total:,} rejects to {report.outputs['rejects']}", highlight=False,
                   markup=False, soft_wrap=True)
@@ -136,11 +138,12 @@ def pack(
     flags = dict(locals())  # first statement: exactly the parameters; None = not given
     from rich.console import Console
 
-    from prep.pipeline import build_config, check_strict, pack_shards, render_pack_report
+    from prep.pipeline import build_config, check_strict, pack_shards
+    from prep.report import pack_summary
 
     config = build_config(**flags)
     report = pack_shards(config, progress=sys.stderr.isatty())
-    Console().print(render_pack_report(report))
+    Console().print(pack_summary(report))
     check_strict(config, report)
 
 
@@ -157,7 +160,7 @@ def export(
     from rich.console import Console
 
     from prep.errors import flag_error
-    from prep.export import export_shards, render_export
+    from prep.export import export_shards, export_summary
     from pydantic import ValidationError
     from schemas.export_config import ExportConfig
 
@@ -165,7 +168,7 @@ def export(
         config = ExportConfig(**flags)
     except ValidationError as e:
         raise flag_error(e) from None
-    Console().print(render_export(export_shards(config)))
+    Console().print(export_summary(export_shards(config)))
 
 
 @app.command()
@@ -188,7 +191,7 @@ def inspect(
     from rich.console import Console
 
     from prep.errors import ConfigError
-    from prep.inspect import inspect_record, inspect_shards, render_row
+    from prep.inspect import inspect_record, inspect_shards, row_display
     from prep.load import split_path
     from prep.remote import is_url
 
@@ -200,7 +203,7 @@ def inspect(
         view = inspect_record(path, record, tokenizer=tokenizer, template=template, train_on=train_on,
                               max_len=max_len, overflow=overflow, format=format,
                               trust_remote_code=trust_remote_code, example=example)
-    Console().print(render_row(view, ids=ids))
+    Console().print(row_display(view, ids=ids))
 
 
 @app.command()
@@ -225,7 +228,7 @@ def stats(
 
     from prep.load import split_path
     from prep.remote import is_shard_folder
-    from prep.stats import input_stats, render_stats, shard_stats
+    from prep.stats import input_stats, stats_summary, shard_stats
 
     if plot:  # before any work: a wrong suffix or a missing matplotlib is one line, not a wasted run
         from prep.plot import check_plot_path
@@ -237,7 +240,7 @@ def stats(
         result = input_stats(inputs, tokenizer=tokenizer, template=template, train_on=train_on, max_len=max_len,
                              overflow=overflow, format=format, pack=pack, top=top,
                              trust_remote_code=trust_remote_code)
-    Console().print(render_stats(result, bins=bins))
+    Console().print(stats_summary(result, bins=bins))
     if plot:
         from prep.plot import write_plot
 
@@ -254,7 +257,7 @@ def verify(
     from rich.console import Console
 
     from prep.remote import join
-    from prep.verify import render_verify, verify_shards
+    from prep.verify import verify_summary, verify_shards
 
     from prep.load import split_names
 
@@ -262,53 +265,14 @@ def verify(
     ok = True
     for folder in folders:
         report = verify_shards(folder, limit=limit)
-        Console(soft_wrap=True).print(render_verify(report))
+        Console(soft_wrap=True).print(verify_summary(report))
         ok = ok and report.ok
     if not ok:
         raise typer.Exit(1)
 
 
-@app.command()
-def train(
-    shards: Annotated[str, typer.Argument(help="Folder (or URL) written by `prep pack`.")],
-    out_dir: Annotated[str, typer.Option("--out-dir", "-o", help="Checkpoints, metrics.jsonl and the final model.")] = "out",
-    model: Annotated[str, typer.Option(help="Local folder or hub id; empty = random init from --model-config.")] = "",
-    model_config: Annotated[str, typer.Option("--model-config", help="Built-in config for random init: tiny|small|0.5b|0.5b-qwen.")] = "tiny",
-    attn_implementation: Annotated[str, typer.Option("--attn-implementation", help="auto|sdpa|eager|flex_attention|"
-                                   "flash_attention_2|flash_attention_3 (auto: flash_attention_2 if installed on CUDA, "
-                                   "else sdpa).")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Packed rows per micro-batch per process.")] = 8,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
-    max_steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps; 0 = as many as --epochs takes.")] = 0,
-    epochs: Annotated[int, typer.Option(help="Passes over the shards when --max-steps is 0.")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate; 0 = 1e-3 random init, 2e-5 pretrained.")] = 0.0,
-    min_lr_ratio: Annotated[float, typer.Option("--min-lr-ratio", help="Cosine ends at lr * this.")] = 0.1,
-    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Share of steps with linear warmup.")] = 0.05,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decay on matrices only.")] = 0.0,
-    beta1: Annotated[float, typer.Option(help="AdamW beta1.")] = 0.9,
-    beta2: Annotated[float, typer.Option(help="AdamW beta2.")] = 0.95,
-    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Clip the global grad norm; 0 = off.")] = 1.0,
-    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA) | bf16 | fp32.")] = "auto",
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = False,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = False,
-    fsdp: Annotated[bool, typer.Option("--fsdp/--no-fsdp", help="With torchrun: FSDP2 instead of DDP.")] = False,
-    seed: Annotated[int, typer.Option(help="Model init and data order.")] = 0,
-    log_every: Annotated[int, typer.Option("--log-every", help="Steps between metrics.jsonl lines.")] = 1,
-    eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between validation passes (and one at the "
-                                            "end); 0 = only at the end, when the shards have a validation split.")] = 0,
-    eval_batches: Annotated[int, typer.Option("--eval-batches", help="Micro-batches per validation pass; 0 = all.")] = 0,
-    save_every: Annotated[int, typer.Option("--save-every", help="Steps between checkpoints; 0 = none.")] = 0,
-    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="Newest checkpoints kept.")] = 2,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the newest checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Start afresh in a used out dir.")] = False,
-    device: Annotated[str, typer.Option(help="auto = cuda:LOCAL_RANK if available, else cpu.")] = "auto",
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Live progress on rank 0.")] = True,
-    peak_tflops: Annotated[float, typer.Option("--peak-tflops", help="Device peak TFLOP/s for MFU; 0 = bf16 peak of "
-                                               "known GPUs (none on CPU).")] = 0.0,
-    trust_remote_code: RemoteCodeOpt = False,
-) -> None:
+def train(**flags: object) -> None:
     """Train a causal LM on packed shards (torchrun -m prep train ... for several GPUs)."""
-    flags = dict(locals())  # first statement: exactly the parameters, one per TrainConfig field
     import json
 
     from prep.train import TrainConfig, finish_distributed, train_model
@@ -317,6 +281,12 @@ def train(
     if int(os.environ.get("RANK", 0)) == 0:
         typer.echo(json.dumps(metrics))
     finish_distributed()
+
+
+# The flags of `prep train` are TrainConfig's fields (prep.train_config), the same that `python -m prep.train` parses.
+train.__signature__ = Signature(typer_parameters())  # type: ignore[attr-defined]
+train.__annotations__ = {p.name: p.annotation for p in train.__signature__.parameters.values()}
+app.command()(train)
 
 
 class _Interrupted(BaseException):

@@ -67,12 +67,11 @@ from schemas.raw import (
 )
 from schemas.reject import ErrorDetail, Reject
 
-ConvertReport = Report
 TURN_SEPARATOR = "\n\n"
 _to_json = pydantic_core.to_json
 
 
-class Turn(NamedTuple):
+class DraftTurn(NamedTuple):
     """One message while converting: unified role, content, its path in the raw record, training override, and
     the tool fields of schemas.conversation.Message (calls of an assistant; function name and call id of a result)."""
 
@@ -88,7 +87,7 @@ class Turn(NamedTuple):
 class Draft(NamedTuple):
     """A converter's output: turns, meta and tools; unified records also carry their id and source."""
 
-    turns: list[Turn]
+    turns: list[DraftTurn]
     meta: dict[str, Any]
     id: str | None = None
     source: dict[str, Any] | None = None
@@ -105,7 +104,7 @@ class Accepted(NamedTuple):
     id: str
     hash: str
     source: dict[str, Any] | None
-    turns: list[Turn]
+    turns: list[DraftTurn]
     meta: dict[str, Any]
     merged: int
     trimmed: bool
@@ -138,12 +137,12 @@ def alpaca_turns(r: AlpacaRecord) -> Draft:
     """
     instruction, extra = r.instruction, r.input
     user = f"{instruction}{TURN_SEPARATOR}{extra}" if instruction and extra else instruction or extra or ""
-    turns = [Turn("user", user, "instruction"), Turn("assistant", r.output, "output")]
+    turns = [DraftTurn("user", user, "instruction"), DraftTurn("assistant", r.output, "output")]
     if r.history:
-        turns[:0] = [Turn(role, text, f"history[{i}][{j}]") for i, pair in enumerate(r.history)
+        turns[:0] = [DraftTurn(role, text, f"history[{i}][{j}]") for i, pair in enumerate(r.history)
                      for j, (role, text) in enumerate(zip(("user", "assistant"), pair, strict=True))]
     if r.system:
-        turns.insert(0, Turn("system", r.system, "system"))
+        turns.insert(0, DraftTurn("system", r.system, "system"))
     return Draft(turns, _extras(r))
 
 
@@ -159,7 +158,7 @@ def fold_reasoning(reasoning: str, content: str) -> str:
     return f"{REASONING_OPEN}{reasoning}{REASONING_CLOSE}{content}"
 
 
-def _message_fields(turns: list[Turn], messages: Sequence[Any], meta: dict[str, Any]) -> None:
+def _message_fields(turns: list[DraftTurn], messages: Sequence[Any], meta: dict[str, Any]) -> None:
     """Keep the messages' unknown keys in `meta["message_fields"]`, folding an assistant's reasoning into its turn.
 
     `turns[i]` is `messages[i]`'s turn (None: a turn given as plain text); its `src` path names the message.
@@ -205,13 +204,13 @@ def sharegpt_turns(r: ShareGPTRecord) -> Draft:
         role = unified_role(m.from_)
         if role == TOOL_CALL:
             path = f"conversations[{i}]"
-            turns.append(Turn("assistant", "", path, tool_calls=parse_call_text(m.value, f"{path}.value")))
+            turns.append(DraftTurn("assistant", "", path, tool_calls=parse_call_text(m.value, f"{path}.value")))
         else:
-            turns.append(Turn(role, m.value, f"conversations[{i}]"))
+            turns.append(DraftTurn(role, m.value, f"conversations[{i}]"))
     meta = _extras(r)
     _message_fields(turns, r.conversations, meta)
     if r.system:
-        turns.insert(0, Turn("system", r.system, "system"))
+        turns.insert(0, DraftTurn("system", r.system, "system"))
     return Draft(turns, meta, tools=parse_tools(r.tools, "tools"))
 
 
@@ -238,7 +237,7 @@ def openai_turns(r: OpenAIRecord) -> Draft:
     return Draft(turns, meta, tools=parse_tools(getattr(r, key), key))
 
 
-def message_turns(messages: list[OpenAIMessage], prefix: str) -> list[Turn]:
+def message_turns(messages: list[OpenAIMessage], prefix: str) -> list[DraftTurn]:
     """OpenAI-style messages as turns (each turn's path `prefix[i]`)."""
     turns = []
     for i, m in enumerate(messages):
@@ -254,9 +253,9 @@ def message_turns(messages: list[OpenAIMessage], prefix: str) -> list[Turn]:
         if role == "tool":
             extra = m.__pydantic_extra__
             name = extra.get("name") if extra and isinstance(extra.get("name"), str) else None
-            turns.append(Turn(role, content, path, train, None, name, m.tool_call_id))
+            turns.append(DraftTurn(role, content, path, train, None, name, m.tool_call_id))
         else:
-            turns.append(Turn(role, content, path, train, calls) if calls else Turn(role, content, path, train))
+            turns.append(DraftTurn(role, content, path, train, calls) if calls else DraftTurn(role, content, path, train))
     return turns
 
 
@@ -311,12 +310,12 @@ def prompt_completion_turns(r: PromptCompletionRecord) -> Draft:
     return Draft(turns, meta, tools=parse_tools(r.tools, "tools"))
 
 
-def _side(value: str | list[Any] | None, role: str, key: str) -> tuple[list[Turn], list[Any]]:
+def _side(value: str | list[Any] | None, role: str, key: str) -> tuple[list[DraftTurn], list[Any]]:
     """One side of a prompt-completion record as (turns, the message of each turn or None)."""
     if value is None:
         return [], []
     if isinstance(value, str):
-        return [Turn(role, value, key)], [None]
+        return [DraftTurn(role, value, key)], [None]
     return message_turns(value, key), value
 
 
@@ -396,7 +395,7 @@ def transcript_turns(r: TranscriptRecord) -> Draft:
         pairs = parse_transcript(r.text if key == "text" else r.chosen)
     except Unconvertible as e:
         raise Unconvertible(key, e.message, e.reason) from None
-    turns = [Turn(role, content, f"{key} (turn {i})") for i, (role, content) in enumerate(pairs)]
+    turns = [DraftTurn(role, content, f"{key} (turn {i})") for i, (role, content) in enumerate(pairs)]
     meta = _extras(r)
     if key == "text" and r.chosen is not None:
         meta["chosen"] = r.chosen
@@ -412,7 +411,7 @@ def unified_turns(r: UnifiedRecord) -> Draft:
     >>> d.id, d.repair
     ('x', False)
     """
-    turns = [Turn(m.role, m.content, f"messages[{i}]", m.train, m.tool_calls, m.name, m.tool_call_id)
+    turns = [DraftTurn(m.role, m.content, f"messages[{i}]", m.train, m.tool_calls, m.name, m.tool_call_id)
              for i, m in enumerate(r.messages)]
     source = r.source.model_dump() if r.source is not None else None
     return Draft(turns, dict(r.meta), r.id, source, repair=False, tools=parse_tools(r.tools, "tools"))
@@ -431,14 +430,14 @@ CONVERTERS: dict[str, Callable[[Any], Draft]] = {
 # --- the rules, shared by every format ---------------------------------------------------
 
 
-def normalize_turns(turns: list[Turn]) -> tuple[list[Turn], int, list[Turn]]:
+def normalize_turns(turns: list[DraftTurn]) -> tuple[list[DraftTurn], int, list[DraftTurn]]:
     """Remove trailing user turns and tool results, then merge consecutive same-role turns (tool results excepted).
 
     Returns:
         (turns, number of merges, removed trailing turns).
 
-    >>> kept, merged, trailing = normalize_turns([Turn("user", "a"), Turn("user", "b"),
-    ...                                           Turn("assistant", "c"), Turn("user", "d")])
+    >>> kept, merged, trailing = normalize_turns([DraftTurn("user", "a"), DraftTurn("user", "b"),
+    ...                                           DraftTurn("assistant", "c"), DraftTurn("user", "d")])
     >>> [t.content for t in kept], merged, [t.content for t in trailing]
     (['a\\n\\nb', 'c'], 1, ['d'])
     """
@@ -450,7 +449,7 @@ def normalize_turns(turns: list[Turn]) -> tuple[list[Turn], int, list[Turn]]:
         turns = turns[:end]
     if all(a.role != b.role or a.role == "tool" for a, b in pairwise(turns)):
         return turns, 0, trailing
-    merged: list[list[Turn]] = []
+    merged: list[list[DraftTurn]] = []
     for turn in turns:
         if merged and merged[-1][0].role == turn.role and turn.role != "tool" and _mergeable(merged[-1][-1], turn):
             merged[-1].append(turn)
@@ -460,12 +459,12 @@ def normalize_turns(turns: list[Turn]) -> tuple[list[Turn], int, list[Turn]]:
     return out, len(turns) - len(out), trailing
 
 
-def _mergeable(a: Turn, b: Turn) -> bool:
+def _mergeable(a: DraftTurn, b: DraftTurn) -> bool:
     """Whether turn `b` may join the turn `a` it follows: not content after a tool call (its result is missing)."""
     return not a.tool_calls or not b.content
 
 
-def _merge(group: list[Turn]) -> Turn:
+def _merge(group: list[DraftTurn]) -> DraftTurn:
     """Consecutive turns of one role as one: contents joined with a blank line (a reasoning-only step is folded
     in front of the reply after it), tool calls in order."""
     content = ""
@@ -494,7 +493,7 @@ def finish(draft: Draft, path: str, line: int, format: str, raw: Any = None) -> 
     turns, meta, merged, trimmed, trimmed_tool = draft.turns, draft.meta, 0, False, False
     if _is_clean(turns):
         # Fast path: a clean conversation satisfies every rule (conversation_problems would return []).
-        digest = content_hash(turns, draft.tools)  # type: ignore[arg-type]  # Turn has the fields hashed
+        digest = content_hash(turns, draft.tools)  # type: ignore[arg-type]  # DraftTurn has the fields hashed
         source = {"path": path, "line": line, "format": format} if draft.repair else draft.source
         return Accepted(draft.id or digest, digest, source, turns, meta, 0, False, draft.tools)
     if draft.repair:
@@ -512,7 +511,7 @@ def finish(draft: Draft, path: str, line: int, format: str, raw: Any = None) -> 
             problem = (f"messages[{first}].role", "the first turn after the system prompt is an assistant turn",
                        "starts_with_assistant")
             return _rules_reject([problem], turns, path, line, format, raw)
-    problems = conversation_problems(turns, draft.tools)  # type: ignore[arg-type]  # Turn has the fields checked
+    problems = conversation_problems(turns, draft.tools)  # type: ignore[arg-type]  # DraftTurn has the fields checked
     if problems:
         if trailing_count := len(meta.get("trailing_user", ())) + len(meta.get("trailing_tool", ())):
             if problems[0][2] == "no_assistant_turn":
@@ -528,14 +527,14 @@ def finish(draft: Draft, path: str, line: int, format: str, raw: Any = None) -> 
                     trimmed_tool)
 
 
-def _is_clean(turns: list[Turn]) -> bool:
+def _is_clean(turns: list[DraftTurn]) -> bool:
     """True when the turns already follow every rule: [system], then user/assistant alternating,
     ending with an assistant turn, every response non-blank, no tool calls. A sufficient check, cheaper than
     normalize_turns + conversation_problems; anything else takes the full path.
 
-    >>> _is_clean([Turn("user", ""), Turn("assistant", "ok")]), _is_clean([Turn("user", "q")])
+    >>> _is_clean([DraftTurn("user", ""), DraftTurn("assistant", "ok")]), _is_clean([DraftTurn("user", "q")])
     (True, False)
-    >>> _is_clean([Turn("user", "q"), Turn("assistant", " \\n")]), _is_clean([Turn("assistant", "a"), Turn("user", "")])
+    >>> _is_clean([DraftTurn("user", "q"), DraftTurn("assistant", " \\n")]), _is_clean([DraftTurn("assistant", "a"), DraftTurn("user", "")])
     (False, False)
     """
     if len(turns) == 2:  # the usual instruction/response pair, checked without a loop
@@ -558,7 +557,7 @@ def _is_clean(turns: list[Turn]) -> bool:
 _INDEX = re.compile(r"messages\[(\d+)\]")
 
 
-def _rules_reject(problems: list[tuple[str, str, str]], turns: list[Turn], path: str, line: int,
+def _rules_reject(problems: list[tuple[str, str, str]], turns: list[DraftTurn], path: str, line: int,
                   format: str, raw: Any) -> Reject:
     """A Reject for broken turn rules; fields point into the raw record where the turn came from."""
     errors = []
@@ -632,7 +631,7 @@ def to_json_line(a: Accepted) -> bytes:
     return _to_json(record)
 
 
-def _message_dict(t: Turn) -> dict[str, Any]:
+def _message_dict(t: DraftTurn) -> dict[str, Any]:
     """A turn as the JSON object of a Message: the tool fields only when set."""
     out: dict[str, Any] = {"role": t.role, "content": t.content, "train": t.train}
     if t.tool_calls is not None:

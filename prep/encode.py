@@ -38,12 +38,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pyarrow as pa
 from pydantic_core import to_json as _to_json
 
+from prep.contract import IGNORE_INDEX
 from prep.errors import ConfigError
 from prep.overflow import Piece, Splitter, TooLong, token_range
 from prep.render import Rendered, RenderFailure, Template, render_batch, special_token_regex, special_token_strings
@@ -52,12 +53,12 @@ from prep.token_bytes import ByteTable
 from prep.tokenizer import adds_bos
 from prep.turns import expansion
 from schemas.conversation import Conversation, Message
+from schemas.pack_config import MIN_MAX_LEN, ExpandTurns, Overflow, TrainOn
 from schemas.reject import ErrorDetail, Reject
 
-TRAIN_ON = ("completion", "last", "all")
-OVERFLOW = ("split", "truncate", "drop")
-EXPAND_TURNS = ("auto", "off", "all")
-IGNORE_INDEX = -100
+TRAIN_ON: tuple[str, ...] = get_args(TrainOn)
+OVERFLOW: tuple[str, ...] = get_args(Overflow)
+EXPAND_TURNS: tuple[str, ...] = get_args(ExpandTurns)
 _UNSET = object()
 ENCODED_SCHEMA = pa.schema(
     [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("example_id", pa.string())]
@@ -67,8 +68,8 @@ COUNT_KEYS = (
     "examples",
     "tokens",
     "trained_tokens",
-    "split",
-    "split_conversations",
+    "extra_pieces",
+    "pieced_conversations",
     "truncated",
     "dropped",
     "rejected",
@@ -90,8 +91,8 @@ class EncodeResult:
     Attributes:
         table: one row per written example, columns `input_ids` and `labels` (list<int32>, same length)
             and `example_id` (the conversation id; `id#k` for the k-th piece of a split conversation).
-        counts: conversations (in), examples (written), tokens, trained_tokens, split (extra examples
-            made by splitting), split_conversations, truncated, dropped (too long under the overflow
+        counts: conversations (in), examples (written), tokens, trained_tokens, extra_pieces (extra examples
+            made by splitting over-long conversations into pieces), pieced_conversations, truncated, dropped (too long under the overflow
             policy), rejected (failed a check), template_dropped_message (messages a chat template did
             not render), template_dropped_reasoning (replies whose folded reasoning a chat template left
             out), template_dropped_content (tool-call messages whose content a chat template did not render,
@@ -99,7 +100,7 @@ class EncodeResult:
             expanded (extra examples made by expanding conversations into one example per reply, see
             `expand_turns`), expanded_conversations, pieces_sliced / pieces_tokenized (split pieces, at every
             round of refinement, whose ids were cut from the whole conversation's by prep.slicing / tokenized
-            on their own). Invariant: conversations + split + expanded == examples + dropped + rejected.
+            on their own). Invariant: conversations + extra_pieces + expanded == examples + dropped + rejected.
         rejected: rejected examples by reason (drops are `counts["dropped"]`, reason `too_long`).
         rejects: one Reject (stage "pack") per dropped or rejected example.
     """
@@ -236,8 +237,8 @@ class Encoder:
         _check_choice("--train-on", train_on, TRAIN_ON)
         _check_choice("--overflow", overflow, OVERFLOW)
         _check_choice("--expand-turns", expand_turns, EXPAND_TURNS)
-        if not isinstance(max_len, int) or max_len < 2:
-            raise ConfigError(f"--max-len {max_len!r}: expected an integer >= 2")
+        if not isinstance(max_len, int) or max_len < MIN_MAX_LEN:
+            raise ConfigError(f"--max-len {max_len!r}: expected an integer >= {MIN_MAX_LEN}")
         if template.append_eos and not tokenizer.eos_token:
             raise ConfigError(f"template {template.name!r} appends EOS, but the tokenizer has no eos_token")
         self.tokenizer, self.template = tokenizer, template
@@ -722,8 +723,8 @@ class Encoder:
             else:
                 rejected[o.reason] += 1
         for n in pieces.values():
-            counts["split"] += n - 1
-            counts["split_conversations"] += n > 1
+            counts["extra_pieces"] += n - 1
+            counts["pieced_conversations"] += n > 1
         table = _table(ids_flat, labels_flat, lengths, np.array(rows, dtype=np.int64), names)
         counts["examples"] = table.num_rows
         counts["tokens"] = int(lengths.sum())

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from prep.contract import is_plain_name  # noqa: F401 (re-exported)
 from prep.errors import ShardError
 
 EXAMPLE_TEMPLATES_FILE = "example_templates.arrow"
@@ -81,15 +82,6 @@ def read_example_templates(folder: str | Path, manifest: dict[str, Any]) -> pa.C
     if rows is not None and len(column) != rows:
         raise ShardError(f"{path}: {len(column)} rows, the shards have {rows}; run `prep verify {folder}`")
     return column
-
-
-def is_plain_name(name: Any) -> bool:
-    """A bare file name (a string without separators, not `.`/`..`): what a manifest may name.
-
-    >>> is_plain_name("example_templates.arrow"), is_plain_name("../x.arrow")
-    (True, False)
-    """
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def manifest_templates(manifest: dict[str, Any]) -> list[Any]:

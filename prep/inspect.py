@@ -1,6 +1,6 @@
 """See what the model will learn: decode a packed row (or one input record) into trained and masked pieces.
 
-The library part returns data (`RowView` → `ExampleView` → `Piece(text, trained, marker)`); `render_row`
+The library part returns data (`RowView` → `ExampleView` → `TextSpan(text, trained, marker)`); `row_display`
 turns it into rich renderables. Trained tokens are green, masked ones grey; template markers and special
 tokens are shown in reverse video in the colour of their mask, so `###response###` masked and `<|im_end|>`
 trained are both visible at a glance. In agent data, a record's tool calls are underlined and its tool results
@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from prep.contract import IGNORE_INDEX
 from prep.errors import ConfigError, InputError
 
-IGNORE_INDEX = -100
 STYLES = {
     (True, False): "green",  # trained
     (False, False): "grey58",  # masked
@@ -37,7 +37,7 @@ CALL, RESULT = "call", "result"  # the tool parts of a record's text
 
 
 @dataclass(frozen=True)
-class Piece:
+class TextSpan:
     """A run of decoded text with one mask state; `marker` when it is a template marker or special token;
     `kind` "call" inside an assistant message that calls tools, "result" inside a tool result."""
 
@@ -72,7 +72,7 @@ class ExampleView:
     start: int
     input_ids: np.ndarray
     labels: np.ndarray
-    pieces: tuple[Piece, ...]
+    pieces: tuple[TextSpan, ...]
     tokens: tuple[str, ...]
     example_id: str | None = None
     template: str | None = None
@@ -124,7 +124,7 @@ def label_pieces(
     markers: re.Pattern[str] | None = None,
     tokens: Sequence[str] | None = None,
     kinds: Sequence[str] | None = None,
-) -> list[Piece]:
+) -> list[TextSpan]:
     """Decode one example into runs of trained / masked text, with markers split out as their own pieces.
 
     Runs are cut where the mask (or the kind) changes; a run's text is the incremental decode of its tokens
@@ -180,18 +180,18 @@ def token_texts(tokenizer: Any, input_ids: np.ndarray) -> tuple[str, ...]:
     return tuple(stream.step(backend, i) or "" for i in ids)
 
 
-def _split_markers(text: str, trained: bool, markers: re.Pattern[str] | None, kind: str = "") -> list[Piece]:
+def _split_markers(text: str, trained: bool, markers: re.Pattern[str] | None, kind: str = "") -> list[TextSpan]:
     """Cut `text` into plain and marker pieces (empty pieces dropped)."""
     if markers is None:
-        return [Piece(text, trained, kind=kind)] if text else []
+        return [TextSpan(text, trained, kind=kind)] if text else []
     pieces, pos = [], 0
     for match in markers.finditer(text):
         if match.start() > pos:
-            pieces.append(Piece(text[pos : match.start()], trained, kind=kind))
-        pieces.append(Piece(match.group(), trained, True, kind))
+            pieces.append(TextSpan(text[pos : match.start()], trained, kind=kind))
+        pieces.append(TextSpan(match.group(), trained, True, kind))
         pos = match.end()
     if pos < len(text):
-        pieces.append(Piece(text[pos:], trained, kind=kind))
+        pieces.append(TextSpan(text[pos:], trained, kind=kind))
     return pieces
 
 
@@ -400,7 +400,7 @@ def _nth_conversation(path: str | Path, record: int, format: str) -> Any:
 # Rendering (rich)
 
 
-def render_row(view: RowView, ids: bool = False) -> Any:
+def row_display(view: RowView, ids: bool = False) -> Any:
     """A rich renderable of a RowView: a legend, then each example under a rule with its counts.
 
     With `ids`, each example is followed by a table of its tokens: position, id, label and token text.

@@ -22,15 +22,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from prep.contract import (
+    IGNORE_INDEX,
+    PACKED_COLUMNS,
+    SPLITS_FILE,
+    UNPADDED_COLUMN,
+    check_manifest,
+)
 from prep.errors import ConfigError, ShardError
 from prep.remote import is_url
 
-FORMAT = "prep-shards"
-FORMAT_VERSION = 1
-SPLITS_FILE = "dataset_dict.json"  # marks a folder of split shard folders (train/, validation/)
-IGNORE_INDEX = -100
-SHARD_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lengths")
-UNPADDED_COLUMN = "seq_lengths_unpadded"  # real example lengths of shards packed with --pad-to-multiple-of N > 1
 LIST_INT32 = pa.list_(pa.int32())
 MASK_PATHS = ("sdpa", "eager")  # take an explicit 4D block-diagonal causal mask
 FLEX_PATHS = ("flex_attention",)  # take a BlockMask: masked-out blocks are skipped, not computed
@@ -97,38 +98,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ShardError(f"{file}: unreadable JSON: {e}") from e
-    if manifest.get("format") != FORMAT:
-        raise ShardError(f"{file}: format is {manifest.get('format')!r}, expected {FORMAT!r}: not a prep shard folder")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ShardError(
-            f"{file}: format_version {manifest.get('format_version')!r}, this prep reads {FORMAT_VERSION}: "
-            "rewrite the shards with this version of `prep pack`"
-        )
-    _check_manifest_fields(file, manifest)
-    return manifest
-
-
-def _check_manifest_fields(file: Path, manifest: dict[str, Any]) -> None:
-    """Check the keys the loader relies on, the column list and that every shard file exists."""
-    for key in ("max_len", "packed", "tokenizer", "columns", "shards"):
-        if key not in manifest:
-            raise ShardError(f"{file}: missing key {key!r}")
-    missing = [c for c in SHARD_COLUMNS if c not in manifest["columns"]]
-    if missing:
-        raise ShardError(f"{file}: columns {manifest['columns']} lack {missing}; expected {list(SHARD_COLUMNS)}")
-    if not manifest["shards"]:
-        raise ShardError(f"{file}: lists no shard files")
-    for name in [entry["file"] for entry in manifest["shards"]] + [manifest["tokenizer"].get("path", "tokenizer")]:
-        if not _is_plain_name(name):
-            raise ShardError(f"{file}: {name!r} is not a plain file name inside the shard folder; refusing to read it")
+    problem = check_manifest(manifest)
+    if problem:
+        raise ShardError(f"{file}: {problem}")
     for entry in manifest["shards"]:
         if not (file.parent / entry["file"]).is_file():
             raise ShardError(f"{file.parent / entry['file']}: listed in manifest.json but missing")
-
-
-def _is_plain_name(name: Any) -> bool:
-    """True for a bare file or folder name (no separator, not `.`/`..`): manifests must not point outside."""
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+    return manifest
 
 
 def _open_shard(file: Path, rows: int) -> pa.Table:
@@ -314,7 +290,7 @@ def block_causal_mask(
 
 def _row_columns(shards: Shards) -> tuple[str, ...]:
     """The columns a row item carries: the shard columns, plus seq_lengths_unpadded when the shards are padded."""
-    return SHARD_COLUMNS + ((UNPADDED_COLUMN,) if UNPADDED_COLUMN in shards.table.column_names else ())
+    return PACKED_COLUMNS + ((UNPADDED_COLUMN,) if UNPADDED_COLUMN in shards.table.column_names else ())
 
 
 def cu_seqlens_pair(seq_lengths: torch.Tensor, seq_lengths_unpadded: torch.Tensor | None = None):

@@ -154,13 +154,13 @@ class Splitter:
         messages, flags = self.messages, self.flags
         out = []
         if self.system is not None:
-            out.append(_message(self.system, self.system.content, flags[0] and piece.new == 0))
+            out.append(_with_content(self.system, self.system.content, flags[0] and piece.new == 0))
         for p in range(piece.ctx, piece.end):
             for i in self.pairs[p]:
                 content = messages[i].content
                 if piece.user_content is not None and p == piece.new and messages[i].role == "user":
                     content = piece.user_content
-                out.append(_message(messages[i], content, flags[i] and p >= piece.new))
+                out.append(_with_content(messages[i], content, flags[i] and p >= piece.new))
         return out
 
     def whole_index(self, piece: Piece, k: int) -> int:
@@ -209,7 +209,7 @@ class Splitter:
         return [piece]
 
 
-def _message(message: Message, content: str, train: bool) -> Message:
+def _with_content(message: Message, content: str, train: bool) -> Message:
     """A copy of `message` with new content and an explicit train flag (no re-validation)."""
     return Message.model_construct(role=message.role, content=content, train=train, tool_calls=message.tool_calls,
                                    name=message.name, tool_call_id=message.tool_call_id)

@@ -12,13 +12,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
+from prep.contract import IGNORE_INDEX, packing_figures, shard_columns
 from prep.errors import ConfigError
 from prep.spill import ExampleStore, concat_ranges
-
-PACKED_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lengths")
-UNPACKED_COLUMNS = (*PACKED_COLUMNS, "attention_mask")
-UNPADDED_COLUMN = "seq_lengths_unpadded"  # the real example lengths, present when examples are padded
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -313,15 +309,6 @@ def _list_column(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int32, copy=False)))
 
 
-def shard_columns(packed: bool, padded: bool = False) -> tuple[str, ...]:
-    """The shard column names, in order: packed or not, with `seq_lengths_unpadded` when examples are padded.
-
-    >>> shard_columns(True, padded=True)
-    ('input_ids', 'labels', 'position_ids', 'seq_lengths', 'seq_lengths_unpadded')
-    """
-    return (*(PACKED_COLUMNS if packed else UNPACKED_COLUMNS), *((UNPADDED_COLUMN,) if padded else ()))
-
-
 def shard_schema(packed: bool, padded: bool = False) -> pa.Schema:
     """The Arrow schema of shard rows: every column list<int32> (no metadata)."""
     return pa.schema([pa.field(n, pa.list_(pa.int32())) for n in shard_columns(packed, padded)])
@@ -333,7 +320,4 @@ def packing_stats(plan: PackPlan, lengths: np.ndarray, max_len: int) -> dict:
     >>> packing_stats(plan_bfd(np.array([3, 4, 1]), 4), np.array([3, 4, 1]), 4)
     {'efficiency': 1.0, 'lower_bound_rows': 2, 'rows': 2}
     """
-    tokens = int(np.asarray(lengths, dtype=np.int64).sum())
-    rows = plan.num_rows
-    efficiency = round(tokens / (rows * max_len), 6) if rows else 0.0
-    return {"efficiency": efficiency, "lower_bound_rows": -(-tokens // max_len), "rows": rows}
+    return packing_figures(int(np.asarray(lengths, dtype=np.int64).sum()), plan.num_rows, max_len)

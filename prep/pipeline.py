@@ -24,16 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from prep import __version__
-from prep.convert import iter_conversations, relaxed_gc
+from prep.contract import FORMAT_VERSION, REJECTS_FILE, SPLITS, SPLITS_FILE, SPLITS_FORMAT
+from prep.convert import relaxed_gc
 from prep.encode import EncodeResult, Encoder
 from prep.errors import AccountingError, ConfigError, PrepError, flag_error
 from prep.fieldmap import parse_fields
 from prep.pack import padded_lengths, plan_bfd, plan_unpacked, shuffle_rows, with_padding
 from prep.read import expand_inputs
 from prep.remote import is_url, join
-from prep.recipe import copies, load_recipe, repeat, validation_hashes, with_system
+from prep.mixture import SourceTally, holds_out, mixture_sources, split_of
+from prep.recipe import load_recipe
 from prep.render import Template, load_template, template_sha256, template_to_dict
-from prep.report import Counts, Report
+from prep.report import Report
 from prep.spill import ExampleStore
 from prep.tokenizer import (
     DEFAULT_TOKENIZER_NAME,
@@ -46,18 +48,15 @@ from prep.tokenizer import (
     tokenizer_fingerprint,
 )
 from prep.write import check_output, parse_size, sha256_file, staging_dir, write_json, write_shards
-from schemas.conversation import Conversation, content_hash
+from schemas.conversation import Conversation
 from schemas.pack_config import PackConfig
 from schemas.recipe import Source
 from schemas.reject import Reject
 
-REJECTS_FILE = "rejects.jsonl"
 # Options that change the shards' bytes; output/overwrite/strict do not.
 # subset/split are left out as well: the data files they choose are among the inputs.
 _FINGERPRINT_EXCLUDE = {"inputs", "output", "overwrite", "strict", "batch_size", "batch_bytes", "workers", "recipe",
                         "subset", "split"}
-SPLITS = ("train", "validation")
-SPLITS_FORMAT = "prep-shards-splits"  # the top-level manifest of a folder holding train/ and validation/
 
 
 @dataclass
@@ -174,26 +173,10 @@ def _prepare(config: PackConfig) -> _Run:
         for template in templates.values():
             added += register_markers(tokenizer, template)
     inputs = [_describe_input(p) for p in paths]
-    split = any(_holds_out(*_split_of(s, config)) for s in sources)
+    split = any(holds_out(*split_of(s, config)) for s in sources)
     run = _Run(config, sources, tokenizer, templates, added, inputs, "", split)
     run.fingerprint = _fingerprint(run)
     return run
-
-
-def mixture_sources(config: PackConfig) -> list[Source]:
-    """The sources of a run: the recipe's, or one source of weight 1.0 holding every input.
-
-    A `format` other than auto on the command line wins over every source's own format.
-
-    >>> [s.paths for s in mixture_sources(PackConfig(inputs=["a.json", "b.jsonl"], output="o"))]
-    [['a.json', 'b.jsonl']]
-    """
-    if config.recipe is None:
-        return [Source(path=list(config.inputs), format=config.format)]
-    sources = load_recipe(config.recipe).sources
-    if config.format != "auto":
-        sources = [s.model_copy(update={"format": config.format}) for s in sources]
-    return sources
 
 
 def _pinned(source: Source, config: PackConfig) -> Source:
@@ -214,18 +197,6 @@ def _spill_parent(output: str) -> Path:
 
         return local_staging_root()
     return Path(output).absolute().parent
-
-
-def _split_of(source: Source, config: PackConfig) -> tuple[float | None, int | None]:
-    """The validation split of a source: its own, else the global one."""
-    if source.val_fraction is not None or source.val_size is not None:
-        return source.val_fraction, source.val_size
-    return config.val_fraction, config.val_size
-
-
-def _holds_out(val_fraction: float | None, val_size: int | None) -> bool:
-    """Whether a split policy asks for any validation data at all."""
-    return bool(val_fraction) or bool(val_size)
 
 
 def _is_trivial(run: _Run) -> bool:
@@ -250,7 +221,7 @@ def _encode_sources(run: _Run, report: PackReport, stores: dict[str, ExampleStor
         for source in run.sources:
             template = run.template_of(source)
             group = list(run.templates).index(template)
-            tally = _SourceTally(source, *_split_of(source, config), earlier, template)
+            tally = SourceTally(source, *split_of(source, config), earlier, template)
             batches = tally.batches(config, report.inputs)
             for split, convert_rejects, result in encoders.encode(template, batches):
                 _write_rejects(rejects, convert_rejects)
@@ -385,117 +356,6 @@ def _encode_in_worker(template: str, conversations: list[Conversation]) -> Encod
     return _WORKER_ENCODERS[template].encode(conversations)
 
 
-class _SourceTally:
-    """One source of a mixture: its batches by split, and its counts before and after each step."""
-
-    def __init__(self, source: Source, val_fraction: float | None, val_size: int | None,
-                 earlier: set[str] | None, template: str):
-        self.source, self.val_fraction, self.val_size, self.earlier = source, val_fraction, val_size, earlier
-        self.template = template
-        self.hashes: set[str] = set()
-        self.counts: Counter[str] = Counter()
-        self.inputs = Counts()
-
-    def batches(self, config: PackConfig, inputs: Report) -> Iterator[tuple[str, list[Conversation], list[Reject]]]:
-        """(split, conversations, rejects) batches, streamed.
-
-        A weighted or split source is read first for its content hashes (which decide the validation contents
-        and the copies of each conversation), then once more per split to emit the conversations in input
-        order; only the hashes are held in memory.
-        """
-        first_row = len(inputs.rows)
-        stream = self._stream(config, inputs)
-        if self.source.weight == 1.0 and not _holds_out(self.val_fraction, self.val_size):
-            for conversations, rejects in stream:
-                kept = self._unseen(conversations)
-                self.counts["train_before_weighting"] += len(kept)
-                self.counts["train"] += len(kept)
-                yield "train", kept, rejects
-        else:
-            digests: list[str] = []
-            for conversations, rejects in stream:
-                digests += [content_hash(c.messages, c.tools) for c in self._unseen(conversations)]
-                if rejects:
-                    yield "train", [], rejects
-            yield from self._split_and_weight(digests, config)
-        for row in inputs.rows[first_row:]:
-            self.inputs.add(row.counts)
-
-    def _stream(self, config: PackConfig, report: Report) -> Iterator[tuple[list[Conversation], list[Reject]]]:
-        """The source's conversations and rejects in batches, counted in `report`."""
-        fields = {**(config.fields or {}), **parse_fields(self.source.fields, "fields")} or None
-        conversations = iter_conversations(self.source.paths, self.source.format, dedup=config.dedup, report=report,
-                                           fields=fields)
-        return _batched(conversations, config.batch_size, parse_size(config.batch_bytes, "--batch-bytes"))
-
-    def _unseen(self, conversations: list[Conversation], count: bool = True) -> list[Conversation]:
-        """Apply the source's system prompt, then drop (and count) contents an earlier source already had."""
-        if self.source.system is not None:
-            conversations = [with_system(c, self.source.system) for c in conversations]
-        if self.earlier is None:
-            return conversations
-        kept = []
-        for c in conversations:
-            digest = content_hash(c.messages, c.tools)
-            if digest in self.earlier:
-                self.counts["cross_source_duplicates"] += count
-                continue
-            if count:
-                self.hashes.add(digest)
-            kept.append(c)
-        return kept
-
-    def _split_and_weight(
-        self, digests: list[str], config: PackConfig
-    ) -> Iterator[tuple[str, list[Conversation], list[Reject]]]:
-        """Hold out the validation contents, then weight the rest (split first, so repeats stay in train).
-
-        `digests` are the content hashes of the source's kept conversations in order; the source is read
-        again (its rejects and counts already reported) and each conversation is sent where they decide.
-        """
-        validation_set = validation_hashes(digests, self.val_fraction, self.val_size, config.seed)
-        train_digests = [h for h in digests if h not in validation_set]
-        n_copies = copies(train_digests, self.source.weight, config.seed)
-        self.counts.update(validation=len(digests) - len(train_digests), train_before_weighting=len(train_digests),
-                           train=sum(n_copies))
-        del digests, train_digests
-        for split in ("validation", "train"):  # one reading per split: the same order for any batch size
-            if self.counts[split]:
-                yield from self._reread(split, validation_set, n_copies, config)
-
-    def _reread(self, split: str, validation_set: set[str], n_copies: list[int],
-                config: PackConfig) -> Iterator[tuple[str, list[Conversation], list[Reject]]]:
-        """Read the source again and emit the conversations (and copies) that go to `split`."""
-
-        def chosen() -> Iterator[Conversation]:
-            position = 0  # among the conversations that stay in train
-            for conversations, _ in self._stream(config, Report("re-read")):  # its counts were taken the first time
-                for c in self._unseen(conversations, count=False):
-                    held_out = content_hash(c.messages, c.tools) in validation_set
-                    if held_out and split == "validation":
-                        yield c
-                    elif not held_out:
-                        if split == "train":
-                            yield from repeat(c, n_copies[position])
-                        position += 1
-
-        for batch, _ in _batched(chosen(), config.batch_size, parse_size(config.batch_bytes, "--batch-bytes")):
-            yield split, batch, []
-
-    def to_dict(self) -> dict[str, Any]:
-        """The source and its counts, for the manifest."""
-        s, c = self.source, self.counts
-        return {
-            "name": s.label, "paths": s.paths, "format": s.format, "weight": s.weight, "template": self.template,
-            "system": s.system, "val_fraction": self.val_fraction, "val_size": self.val_size,
-            "counts": {"read": self.inputs.read, "rejected": self.inputs.rejected_total,
-                       "deduplicated": self.inputs.deduplicated, "accepted": self.inputs.accepted,
-                       "cross_source_duplicates": c["cross_source_duplicates"],
-                       "validation": c["validation"], "train_before_weighting": c["train_before_weighting"],
-                       "train": c["train"]},
-        }
-
-
 def _write_single(run: _Run, report: PackReport, store: ExampleStore, rejects_path: Path) -> None:
     """Write one shard folder (no validation split), exactly as `prep pack` always has."""
     config = run.config
@@ -526,7 +386,7 @@ def _write_splits(run: _Run, report: PackReport, stores: dict[str, ExampleStore]
                 before_commit=lambda t: _save_tokenizer(run, t, tmp / SPLITS[0] / "tokenizer"),
                 example_templates=run.several_templates)
         shutil.move(str(rejects_path), tmp / REJECTS_FILE)
-        write_json(tmp / "dataset_dict.json", {"splits": list(SPLITS)})
+        write_json(tmp / SPLITS_FILE, {"splits": list(SPLITS)})
         report.manifest = _split_manifest(run, report)
         write_json(tmp / "manifest.json", report.manifest)  # last: its presence marks a complete output
 
@@ -545,7 +405,7 @@ def _split_manifest(run: _Run, report: PackReport) -> dict[str, Any]:
     total = report.inputs.total
     return {
         "format": SPLITS_FORMAT,
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "prep_version": __version__,
         "fingerprint": run.fingerprint,
         "options": _options(run),
@@ -604,130 +464,6 @@ def _with_recipe(given: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def render_pack_report(report: PackReport) -> Any:
-    """The summary of a pack run as rich renderables: inputs, examples, packing, markers, notices.
-
-    Returns:
-        a rich `Group` (print it with a Console).
-    """
-    from rich.console import Group
-    from rich.text import Text
-
-    from prep.report import render_report
-
-    notices = [Text(n, style="yellow") for n in report.notices]
-    m = report.manifest
-    if report.up_to_date:
-        return Group(*notices, Text(f"{report.output}: up to date (fingerprint {m.get('fingerprint', '')[:12]})"))
-    if "splits" in m:
-        lines = [_split_line(split, report.split_manifests[split], report.output) for split in SPLITS]
-        return Group(*notices, render_report(report.inputs), _sources_table(report.sources),
-                     _examples_table(report.split_counts["train"], report.split_rejected["train"]),
-                     *_marker_tables(report), *lines, *_left_out(report.split_counts["train"]),
-                     *_not_written(report))
-    lines = [_split_line(None, m, report.output)]
-    if len(report.sources) > 1 or "mixture" in m:
-        lines.insert(0, _sources_table(report.sources))
-    return Group(*notices, render_report(report.inputs), _examples_table(report.counts, report.rejected),
-                 *_marker_tables(report), *lines, *_left_out(report.counts), *_not_written(report))
-
-
-def _left_out(c: Counter[str]) -> list[Any]:
-    """Lines about the examples that were written: what the chat template left out (yellow), conversations
-    expanded into one example per reply, tool call ids prep generated."""
-    from rich.text import Text
-
-    parts = [f"{c[key]:,} {what} ({key})" for key, what in (("template_dropped_message", "message(s)"),
-                                                            ("template_dropped_reasoning", "reasoning block(s)"),
-                                                            ("template_dropped_content", "tool-call message content(s)"))
-             if c[key]]
-    out = []
-    if parts:
-        out.append(Text("left out by the chat template, in examples that were written: " + ", ".join(parts),
-                        style="yellow"))
-    if c["expanded"]:
-        out.append(Text(f"{c['expanded_conversations']:,} conversation(s) expanded into {c['expanded']:,} more "
-                        "example(s): one per reply the chat template renders differently once later turns follow "
-                        "(--expand-turns)"))
-    if c["tool_call_ids_generated"]:
-        out.append(Text(f"{c['tool_call_ids_generated']:,} tool call id(s) generated: the chat template needs ids "
-                        "the data did not give (or gave in a form it refuses)"))
-    return out
-
-
-def _examples_table(c: Counter[str], rejected_by_reason: Counter[str]) -> Any:
-    """Conversations, examples, splits, truncations, drops, rejects and tokens."""
-    from rich.table import Table
-
-    examples = Table(title="examples", title_justify="left")
-    for name in ("conversations", "examples", "split", "truncated", "dropped", "rejected", "tokens", "trained"):
-        examples.add_column(name, justify="right")
-    rejected = sum(rejected_by_reason.values())
-    examples.add_row(*(f"{v:,}" for v in (c["conversations"], c["examples"], c["split"], c["truncated"], c["dropped"],
-                                           rejected, c["tokens"], c["trained_tokens"])))
-    return examples
-
-
-def _sources_table(sources: list[dict[str, Any]]) -> Any:
-    """One line per mixture source: counts before and after dedup, split and weighting."""
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(title="sources", title_justify="left")
-    keys = ("accepted", "cross_source_duplicates", "validation", "train_before_weighting", "train")
-    for name in ("source", "weight", "accepted", "cross-source dup", "validation", "train (before)", "train"):
-        table.add_column(name, justify="left" if name == "source" else "right", overflow="fold")
-    for s in sources:
-        table.add_row(Text(s["name"]), f"{s['weight']:g}", *(f"{s['counts'][k]:,}" for k in keys))
-    return table
-
-
-def _split_line(split: str | None, m: dict[str, Any], output: str) -> Any:
-    """Rows, packing efficiency and shard count of one shard folder."""
-    from rich.text import Text
-
-    p = m["packing"]
-    where = join(output, split) if split else output
-    prefix = f"{split}: " if split else ""
-    return Text(f"{prefix}rows {p['rows']:,} (lower bound {p['lower_bound_rows']:,}), packing efficiency "
-                f"{p['efficiency']:.2%}, {len(m['shards'])} shard(s) in {where}")
-
-
-def _not_written(report: PackReport) -> list[Any]:
-    """A yellow line naming what was rejected or dropped, if anything."""
-    from rich.text import Text
-
-    dropped = report.counts["dropped"]
-    if not report.rejected and not dropped:
-        return []
-    reasons = dict(report.rejected) | ({"too_long": dropped} if dropped else {})
-    return [Text("not written: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) +
-                 f" (see {join(report.output, REJECTS_FILE)})", style="yellow")]
-
-
-def _marker_tables(report: PackReport) -> list[Any]:
-    """One marker table for the run's template, or one per template when sources use several."""
-    if not report.template_markers:
-        return [_marker_table(report.markers)]
-    return [_marker_table(checks, spec) for spec, checks in report.template_markers.items()]
-
-
-def _marker_table(markers: list[MarkerCheck], template: str | None = None) -> Any:
-    """How each template marker tokenizes with this tokenizer."""
-    from rich.table import Table
-    from rich.text import Text
-
-    title = "template markers" + (f": {template}" if template else "")
-    table = Table(title=Text(title), title_justify="left")
-    for name in ("marker", "tokens", "special", "changes when text touches it"):
-        table.add_column(name)
-    for m in markers:
-        # Text, not str: markers such as Mistral's `[/INST]` are not rich markup
-        table.add_row(Text(m.marker), str(len(m.ids)), "yes" if m.special else "no",
-                      Text(", ".join(m.changed_in) or "no"))
-    return table
-
-
 def check_strict(config: PackConfig, report: PackReport) -> None:
     """Under `--strict`, fail when any record or example was rejected or dropped.
 
@@ -738,42 +474,6 @@ def check_strict(config: PackConfig, report: PackReport) -> None:
     if config.strict and lost:
         raise PrepError(f"{lost} record(s)/example(s) rejected or dropped and --strict is set; "
                         f"see {join(report.output, REJECTS_FILE)}")
-
-
-def _batched(items: Iterable[Conversation | Reject], size: int,
-             max_bytes: int) -> Iterator[tuple[list[Conversation], list[Reject]]]:
-    """Group a stream into (conversations, rejects) batches of up to `size` conversations and `max_bytes` of
-    message text (UTF-8); a conversation longer than `max_bytes` is a batch of its own. Encoding memory
-    follows the text of a batch, so this bounds it whatever the conversations' lengths."""
-    conversations: list[Conversation] = []
-    rejects: list[Reject] = []
-    held = 0
-    for item in items:
-        if item.__class__ is Reject:
-            rejects.append(item)  # type: ignore[arg-type]
-            continue
-        nbytes = text_bytes(item)  # type: ignore[arg-type]
-        if conversations and held + nbytes > max_bytes:
-            yield conversations, rejects
-            conversations, rejects, held = [], [], 0
-        conversations.append(item)  # type: ignore[arg-type]
-        held += nbytes
-        if len(conversations) >= size:
-            yield conversations, rejects
-            conversations, rejects, held = [], [], 0
-    if conversations or rejects:
-        yield conversations, rejects
-
-
-def text_bytes(conversation: Conversation) -> int:
-    """UTF-8 bytes of a conversation's message contents (an upper bound on their tokens for byte-level BPE).
-
-    >>> from schemas.conversation import Message
-    >>> text_bytes(Conversation(id="c", messages=[Message(role="user", content="héllo"),
-    ...                                          Message(role="assistant", content="a")]))
-    7
-    """
-    return sum(len(m.content) if m.content.isascii() else len(m.content.encode()) for m in conversation.messages)
 
 
 def _write_rejects(file: Any, rejects: list[Reject]) -> None:
@@ -800,9 +500,9 @@ def _check_accounting(report: PackReport) -> None:
         if c["conversations"] != expected:
             raise AccountingError(f"{split}: encoded {c['conversations']} conversations but {expected} were "
                                   "selected; a bug in prep")
-        if c["conversations"] + c["split"] + c["expanded"] != c["examples"] + c["dropped"] + c["rejected"]:
+        if c["conversations"] + c["extra_pieces"] + c["expanded"] != c["examples"] + c["dropped"] + c["rejected"]:
             raise AccountingError(
-                f"{split}: conversations {c['conversations']} + split pieces {c['split']} + expanded "
+                f"{split}: conversations {c['conversations']} + extra pieces {c['extra_pieces']} + expanded "
                 f"{c['expanded']} != examples {c['examples']} + dropped {c['dropped']} + rejected {c['rejected']}; "
                 "a bug in prep"
             )
@@ -891,7 +591,7 @@ def _source_key(run: _Run, source: Source) -> dict[str, Any]:
     sha256 = {i["path"]: i["sha256"] for i in run.inputs}
     return {"inputs": [sha256[p] for p in expand_inputs(source.paths)], "format": source.format,
             "weight": source.weight, "template": template_sha256(template), "system": source.system,
-            "split": _split_of(source, run.config), "fields": source.fields}
+            "split": split_of(source, run.config), "fields": source.fields}
 
 
 def _existing_manifest(output: str) -> dict[str, Any] | None:
@@ -942,8 +642,9 @@ def _manifest_extra(run: _Run, report: PackReport, split: str, fingerprint: str)
             "records_rejected": inputs.rejected_total,
             "records_deduplicated": inputs.deduplicated,
             "conversations": c["conversations"],
-            "split": c["split"],
-            "split_conversations": c["split_conversations"],
+            # manifest keys stay "split"/"split_conversations": the manifest is a contract users read
+            "split": c["extra_pieces"],
+            "split_conversations": c["pieced_conversations"],
             "truncated": c["truncated"],
             "dropped": c["dropped"],
             "template_dropped_message": c["template_dropped_message"],

@@ -23,7 +23,7 @@ from typing import Any
 from prep.errors import ConfigError, InputError, location_path
 from prep.read import expand_inputs
 from prep.remote import is_url
-from schemas.conversation import Conversation, Message, content_hash
+from schemas.conversation import Conversation, Message
 from schemas.recipe import Recipe
 
 
@@ -44,7 +44,7 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
-        raise ConfigError(f"{path}: {key_path(first['loc'])}: {_message(first)}") from None
+        raise ConfigError(f"{path}: {key_path(first['loc'])}: {_recipe_error_text(first)}") from None
     return _resolved(recipe, Path(path))
 
 
@@ -57,7 +57,7 @@ def key_path(loc: Sequence[str | int]) -> str:
     return location_path(loc) or "recipe"
 
 
-def _message(error: dict[str, Any]) -> str:
+def _recipe_error_text(error: dict[str, Any]) -> str:
     """A pydantic error message without the 'Value error, ' prefix; unknown keys say so."""
     if error["type"] == "extra_forbidden":
         return "unknown key (check its spelling against the recipe format in the README)"
@@ -152,25 +152,13 @@ def copies(hashes: Sequence[str], weight: float, seed: int) -> list[int]:
     return counts
 
 
-def select(conversations: Sequence[Conversation], weight: float, seed: int) -> list[Conversation]:
-    """Apply a weight to one source's conversations: keep a seeded fraction, or repeat it.
-
-    Repeated copies get distinct ids (`id@2`, `id@3`, ...); the first copy keeps its id.
-    Returns the selection in input order, copies of a conversation next to each other.
+def repeat(conversation: Conversation, n: int) -> list[Conversation]:
+    """`n` copies of a conversation, the k-th (k >= 2) with id `id@k` (how a source weight above 1 repeats one).
 
     >>> c = Conversation(id="x", messages=[Message(role="user", content="a"), Message(role="assistant", content="b")])
-    >>> [x.id for x in select([c], 2.0, seed=0)]
+    >>> [x.id for x in repeat(c, 2)]
     ['x', 'x@2']
     """
-    counts = copies([content_hash(c.messages, c.tools) for c in conversations], weight, seed)
-    out: list[Conversation] = []
-    for conversation, n in zip(conversations, counts, strict=True):
-        out.extend(repeat(conversation, n))
-    return out
-
-
-def repeat(conversation: Conversation, n: int) -> list[Conversation]:
-    """`n` copies of a conversation, the k-th (k >= 2) with id `id@k`."""
     return [conversation if k == 1 else conversation.model_copy(update={"id": f"{conversation.id}@{k}"})
             for k in range(1, n + 1)]
 

@@ -33,10 +33,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from prep.contract import MANIFEST, SPLITS_FILE, SPLITS_FORMAT
 from prep.errors import ConfigError, InputError, PrepError, ShardError
 
-MANIFEST = "manifest.json"
-SPLITS_FILE = "dataset_dict.json"
 STREAM_BLOCK = 8 << 20  # bytes fetched per request while streaming an input: bounded memory, few round trips
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://")
 _USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]*@")
@@ -459,7 +458,7 @@ def local_shards(url: str) -> Path:
         raise ShardError(f"{display(url)}: shard folders are read from s3://, gs://, az:// or https:// URLs or "
                          "local folders; download a hub copy first (`hf download --repo-type dataset ...`)")
     manifest = _fetch_manifest(url)
-    if _json(manifest, join(url, MANIFEST)).get("format") == "prep-shards-splits":
+    if _json(manifest, join(url, MANIFEST)).get("format") == SPLITS_FORMAT:
         return _local_splits(url, manifest)
     folder = cache_root() / hashlib.sha256(manifest).hexdigest()[:32]
     if not (folder / MANIFEST).is_file():

@@ -49,7 +49,7 @@ TEMPLATE_DATE = datetime(2024, 7, 26)  # what `strftime_now` in a chat template 
 
 
 @dataclass(frozen=True)
-class Turn:
+class RoleWrap:
     """How one role's message is wrapped: `prefix + content + end + after`.
 
     `end` is the end-of-turn marker, trained together with an assistant reply; `prefix` and `after`
@@ -63,14 +63,14 @@ class Turn:
 
 @dataclass(frozen=True)
 class Roles:
-    """One `Turn` per role; `tool` (tool results) and `tools` (the definitions block) are None in a template
+    """One `RoleWrap` per role; `tool` (tool results) and `tools` (the definitions block) are None in a template
     that has no layout for tool data."""
 
-    system: Turn = Turn()
-    user: Turn = Turn()
-    assistant: Turn = Turn()
-    tool: Turn | None = None
-    tools: Turn | None = None
+    system: RoleWrap = RoleWrap()
+    user: RoleWrap = RoleWrap()
+    assistant: RoleWrap = RoleWrap()
+    tool: RoleWrap | None = None
+    tools: RoleWrap | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class Template:
     append_eos: bool = False
     markers: tuple[str, ...] = ()
     chat_template: str | None = field(default=None, repr=False)
-    call: Turn | None = None
+    call: RoleWrap | None = None
     tool_chat_template: str | None = field(default=None, repr=False)
 
     @property
@@ -131,36 +131,36 @@ class Template:
 MARKERS = Template(
     name="markers",
     roles=Roles(
-        system=Turn("###system###\n", "", "\n\n"),
-        user=Turn("###human###\n", "", "\n\n"),
-        assistant=Turn("###assistant###\n", "\n###", "\n\n"),
-        tool=Turn("###tool###\n", "", "\n\n"),
-        tools=Turn("###tools###\n", "", "\n\n"),
+        system=RoleWrap("###system###\n", "", "\n\n"),
+        user=RoleWrap("###human###\n", "", "\n\n"),
+        assistant=RoleWrap("###assistant###\n", "\n###", "\n\n"),
+        tool=RoleWrap("###tool###\n", "", "\n\n"),
+        tools=RoleWrap("###tools###\n", "", "\n\n"),
     ),
     single_turn=Roles(
-        system=Turn("###system###\n", "", "\n\n"),
-        user=Turn("###instruction###\n", "", "\n\n"),
-        assistant=Turn("###response###\n", "\n###", "\n\n"),
+        system=RoleWrap("###system###\n", "", "\n\n"),
+        user=RoleWrap("###instruction###\n", "", "\n\n"),
+        assistant=RoleWrap("###response###\n", "\n###", "\n\n"),
     ),
     append_eos=True,
     # The bare end marker `###` is plain text on purpose: markdown headings use it.
     markers=("###system###", "###instruction###", "###response###", "###human###", "###assistant###",
              "###tools###", "###tool###", "###call###"),
-    call=Turn("###call###\n", "", "\n"),
+    call=RoleWrap("###call###\n", "", "\n"),
 )
 
 CHATML = Template(
     name="chatml",
     roles=Roles(
-        system=Turn("<|im_start|>system\n", "<|im_end|>", "\n"),
-        user=Turn("<|im_start|>user\n", "<|im_end|>", "\n"),
-        assistant=Turn("<|im_start|>assistant\n", "<|im_end|>", "\n"),
-        tool=Turn("<|im_start|>tool\n", "<|im_end|>", "\n"),
-        tools=Turn("<|im_start|>tools\n", "<|im_end|>", "\n"),
+        system=RoleWrap("<|im_start|>system\n", "<|im_end|>", "\n"),
+        user=RoleWrap("<|im_start|>user\n", "<|im_end|>", "\n"),
+        assistant=RoleWrap("<|im_start|>assistant\n", "<|im_end|>", "\n"),
+        tool=RoleWrap("<|im_start|>tool\n", "<|im_end|>", "\n"),
+        tools=RoleWrap("<|im_start|>tools\n", "<|im_end|>", "\n"),
     ),
     append_eos=False,
     markers=("<|im_start|>", "<|im_end|>"),
-    call=Turn("<tool_call>\n", "\n</tool_call>", "\n"),  # Hermes / Qwen2.5 style
+    call=RoleWrap("<tool_call>\n", "\n</tool_call>", "\n"),  # Hermes / Qwen2.5 style
 )
 
 BUILTIN_TEMPLATES: dict[str, Template] = {"markers": MARKERS, "chatml": CHATML}
@@ -296,7 +296,7 @@ def template_from_dict(data: dict[str, Any], default_name: str = "custom", sourc
 
     >>> t = template_from_dict({"user": {"prefix": "Q: "}, "assistant": {"prefix": "A: ", "end": "</s>"}})
     >>> t.roles.assistant
-    Turn(prefix='A: ', end='</s>', after='')
+    RoleWrap(prefix='A: ', end='</s>', after='')
     """
     _check_keys(data, ("name", "append_eos", "markers", "system", "user", "assistant", "single_turn", "tool",
                        "tools", "call"), source)
@@ -350,15 +350,15 @@ def _roles_from_dict(data: dict[str, Any], source: str) -> Roles:
     return Roles(**turns)
 
 
-def _turn_from_dict(data: dict[str, Any], role: str, source: str) -> Turn:
+def _turn_from_dict(data: dict[str, Any], role: str, source: str) -> RoleWrap:
     """One prefix/end/after table of a template dict."""
     table = data.get(role, {})
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: [{role}] must be a table with keys prefix, end, after")
-    _check_keys(table, tuple(f.name for f in fields(Turn)), f"{source} [{role}]")
+    _check_keys(table, tuple(f.name for f in fields(RoleWrap)), f"{source} [{role}]")
     if not all(isinstance(v, str) for v in table.values()):
         raise ConfigError(f"{source} [{role}]: prefix, end and after must be strings")
-    return Turn(**table)
+    return RoleWrap(**table)
 
 
 def _check_keys(data: dict[str, Any], valid: tuple[str, ...], source: str) -> None:
@@ -480,7 +480,7 @@ def _render_turns(messages: Sequence[Message], template: Template, bos: str, eos
             block = _tools_block(template.roles.tools, tools)  # type: ignore[arg-type]
             parts.append(block)
             pos += len(block)
-        turn: Turn = getattr(roles, message.role) or getattr(template.roles, message.role)
+        turn: RoleWrap = getattr(roles, message.role) or getattr(template.roles, message.role)
         body = message.content + _calls_text(template.call, message) if message.tool_calls else message.content
         end = turn.end + eos if (template.append_eos and message.role == "assistant") else turn.end
         start = pos + len(turn.prefix)
@@ -508,12 +508,12 @@ def _missing_layout(messages: Sequence[Message], template: Template,
     return None
 
 
-def _tools_block(turn: Turn, tools: list[dict[str, Any]]) -> str:
+def _tools_block(turn: RoleWrap, tools: list[dict[str, Any]]) -> str:
     """The tool definitions as one block: prefix, one JSON object per line, end, after."""
     return turn.prefix + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools) + turn.end + turn.after
 
 
-def _calls_text(call: Turn | None, message: Message) -> str:
+def _calls_text(call: RoleWrap | None, message: Message) -> str:
     """An assistant message's tool calls as written after its content: `after` before each one that follows text."""
     assert call is not None and message.tool_calls is not None  # checked by _missing_layout
     out = []

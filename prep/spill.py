@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from prep.contract import IGNORE_INDEX
 from prep.errors import ShardError
 
-IGNORE_INDEX = -100
 _SPILL_FILE = "examples.i32"  # per example: its input_ids, then its labels, as native-endian int32
 
 

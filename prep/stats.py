@@ -1,8 +1,8 @@
 """Token statistics of packed shards or of raw inputs: lengths, trained fraction, tokens per role, packing.
 
-`shard_stats` reads a shard folder (numbers computed from the data; truncated/dropped/split/rejected from
-the manifest). `input_stats` renders and encodes inputs exactly as `prep pack` would, without writing
-shards, and also counts the tokens of each role. Both return a `Stats`; `render_stats` draws it with rich
+`shard_stats` reads a shard folder (numbers computed from the data; truncated/dropped/extra pieces/rejected
+from the manifest). `input_stats` renders and encodes inputs exactly as `prep pack` would, without writing
+shards, and also counts the tokens of each role. Both return a `Stats`; `stats_summary` draws it with rich
 and `prep.plot.write_plot` draws it with matplotlib (lengths, trained/masked tokens by length, row fill).
 
 >>> stats = shard_stats("shards/")                                 # doctest: +SKIP
@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from prep.contract import IGNORE_INDEX, packing_figures
 from prep.errors import ShardError
 
-IGNORE_INDEX = -100
 # "tool": tool results; "template": markers, separators, BOS and tool definitions, outside any message
 ROLES = ("system", "user", "assistant", "tool", "template")
 HIST_BINS = 16
@@ -51,7 +51,8 @@ class Stats:
         trained: trained tokens per example (int64).
         tokens_by_role: shards: {"trained", "masked"}; inputs: tokens per role in ROLES, counted on whole
             rendered conversations (before the overflow policy).
-        counts: examples, rows, tokens, trained_tokens, truncated, dropped, split, rejected ({reason: n}) and
+        counts: examples, rows, tokens, trained_tokens, truncated, dropped, extra_pieces (extra examples made by
+            splitting over-long conversations; the manifest's `split`), rejected ({reason: n}) and
             for inputs records, conversations, over_max_len, longest_conversation.
         packing: efficiency (tokens / (rows * max_len)), lower_bound_rows (ceil(tokens / max_len)), rows.
         longest: the longest examples, longest first.
@@ -123,16 +124,6 @@ def length_histogram(lengths: np.ndarray, max_len: int, bins: int = HIST_BINS) -
     return edges, np.bincount(index, minlength=bins).astype(np.int64)
 
 
-def packing(tokens: int, rows: int, max_len: int) -> dict[str, Any]:
-    """Packing numbers as in the manifest: efficiency, the lower bound ceil(tokens / max_len), rows.
-
-    >>> packing(1000, 3, 512)
-    {'efficiency': 0.651042, 'lower_bound_rows': 2, 'rows': 3}
-    """
-    efficiency = round(tokens / (rows * max_len), 6) if rows else 0.0
-    return {"efficiency": efficiency, "lower_bound_rows": -(-tokens // max_len), "rows": rows}
-
-
 # --------------------------------------------------------------------------------------------------
 # Shards
 
@@ -145,7 +136,7 @@ def shard_stats(path: str | Path, top: int = 5) -> Stats:
         top: how many of the longest examples to list.
 
     Returns:
-        Stats(kind="shards"); truncated/dropped/split/rejected/conversations come from the manifest.
+        Stats(kind="shards"); truncated/dropped/extra_pieces/rejected/conversations come from the manifest.
 
     Raises:
         ShardError: the folder cannot be read, or seq_lengths disagree with the rows (run `prep verify`).
@@ -166,8 +157,9 @@ def shard_stats(path: str | Path, top: int = 5) -> Stats:
     row_tokens = np.bincount(rows_of, weights=lengths, minlength=shards.num_rows).astype(np.int64)
     of_row = read_example_templates(shards.path, manifest)  # the local copy of a URL
     counts = {"examples": len(lengths), "rows": shards.num_rows, "tokens": tokens, "trained_tokens": n_trained}
-    for key in ("conversations", "truncated", "dropped", "split", "rejected"):
+    for key in ("conversations", "truncated", "dropped", "rejected"):
         counts[key] = manifest.get("counts", {}).get(key, {} if key == "rejected" else 0)
+    counts["extra_pieces"] = manifest.get("counts", {}).get("split", 0)  # the manifest's key: a contract users read
     return Stats(
         str(path),
         "shards",
@@ -176,7 +168,7 @@ def shard_stats(path: str | Path, top: int = 5) -> Stats:
         trained,
         {"trained": n_trained, "masked": tokens - n_trained},
         counts,
-        packing(tokens, shards.num_rows, shards.max_len),
+        packing_figures(tokens, shards.num_rows, shards.max_len),
         _longest_in_rows(lengths, trained, rows_of, top),
         manifest,
         row_tokens,
@@ -359,7 +351,7 @@ class _InputAccumulator:
         cum = np.concatenate(([0], np.cumsum(labels != IGNORE_INDEX, dtype=np.int64)))
         trained = cum[offsets[1:]] - cum[offsets[:-1]]
         self.lengths.append(lengths), self.trained.append(trained)
-        for key in ("conversations", "truncated", "dropped", "split"):
+        for key in ("conversations", "truncated", "dropped", "extra_pieces"):
             self.counts[key] += result.counts[key]
         self.counts["records"] += result.counts["conversations"]
         self.rejected.update(result.rejected)
@@ -390,7 +382,7 @@ class _InputAccumulator:
             "rows": rows,
             "tokens": tokens,
             "trained_tokens": int(trained.sum()),
-            **{k: self.counts[k] for k in ("truncated", "dropped", "split")},
+            **{k: self.counts[k] for k in ("truncated", "dropped", "extra_pieces")},
             "rejected": dict(sorted(self.rejected.items())),
             "over_max_len": self.over,
             "longest_conversation": self.longest_conversation,
@@ -398,7 +390,7 @@ class _InputAccumulator:
         longest = tuple(Longest(n, t, eid) for n, t, eid in sorted(self.longest, key=lambda x: (-x[0], x[2])))
         roles = dict(zip(ROLES, self.roles.tolist()))
         return Stats(
-            source, "inputs", max_len, lengths, trained, roles, counts, packing(tokens, rows, max_len), longest,
+            source, "inputs", max_len, lengths, trained, roles, counts, packing_figures(tokens, rows, max_len), longest,
             row_tokens=row_tokens, packed=pack,
         )
 
@@ -407,7 +399,7 @@ class _InputAccumulator:
 # Rendering (rich)
 
 
-def render_stats(stats: Stats, bins: int = HIST_BINS) -> Any:
+def stats_summary(stats: Stats, bins: int = HIST_BINS) -> Any:
     """A rich renderable: summary table, length histogram, tokens per role, longest examples."""
     from rich.console import Group
     from rich.text import Text
@@ -453,7 +445,7 @@ def summary_table(stats: Stats) -> Any:
             ),
         ]
     rejected = c["rejected"] if isinstance(c["rejected"], dict) else {"": c["rejected"]}
-    lines += [(k, f"{c[k]:,}") for k in ("truncated", "dropped", "split")]
+    lines += [(k.replace("_", " "), f"{c[k]:,}") for k in ("truncated", "dropped", "extra_pieces")]
     lines.append(
         ("rejected", f"{sum(rejected.values()):,}" + "".join(f" · {r}: {n:,}" for r, n in rejected.items() if r))
     )

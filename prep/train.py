@@ -14,8 +14,6 @@ one batch holding those rows.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import os
@@ -46,45 +44,7 @@ from prep.load import (
     load_shards,
     split_names,
 )
-
-
-@dataclass
-class TrainConfig:
-    """Every field is a `prep train` flag of the same name (underscores become dashes)."""
-
-    shards: str = ""  # folder written by `prep pack` (required)
-    out_dir: str = "out"  # receives checkpoints/, metrics.jsonl and the final model + tokenizer
-    model: str = ""  # local folder or hub id for AutoModelForCausalLM; "" = random init from model_config
-    model_config: str = "tiny"  # built-in config (prep.models.MODEL_CONFIGS) for a random-init run when model is ""
-    # sdpa|eager|flex_attention|flash_attention_2|_3; auto = flash_attention_2 if installed (CUDA), else sdpa
-    attn_implementation: str = "auto"
-    batch_size: int = 8  # packed rows per micro-batch on each process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 0  # optimizer steps; 0 = as many as `epochs` takes
-    epochs: int = 1  # passes over the shards when max_steps is 0
-    lr: float = 0.0  # peak learning rate; 0 = 1e-3 for a random-init model_config, 2e-5 for a pretrained model
-    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
-    warmup_ratio: float = 0.05  # share of the steps with a linear warmup
-    weight_decay: float = 0.0  # AdamW decay, on matrices only (never norms or biases); 0 is usual for SFT
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2 (0.95 rather than 0.999: steadier with few, large batches)
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere; or bf16 | fp32 (weights stay fp32)
-    gradient_checkpointing: bool = False  # recompute activations in backward: much less memory, ~30% more compute
-    compile: bool = False  # torch.compile the model (the first steps are slow)
-    fsdp: bool = False  # with torchrun: shard weights, grads and optimizer state with FSDP2 instead of DDP
-    seed: int = 0  # model init and data order
-    log_every: int = 1  # steps between metrics.jsonl lines
-    eval_every: int = 0  # steps between validation passes (and one at the end); 0 = only at the end
-    eval_batches: int = 0  # micro-batches per rank in a validation pass; 0 = the whole validation split
-    save_every: int = 0  # steps between checkpoints (and one at the last step); 0 = no checkpoints
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    resume: bool = False  # continue from the newest checkpoint in out_dir
-    overwrite: bool = False  # start afresh in an out_dir that already holds a run (deletes its checkpoints/metrics)
-    device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
-    progress: bool = True  # live rich progress on rank 0
-    peak_tflops: float = 0.0  # the device's dense peak (TFLOP/s) for MFU; 0 = bf16 peak of known GPUs, none on CPU
-    trust_remote_code: bool = False  # let a hub model/tokenizer run its own code (never needed for shards from prep)
+from prep.train_config import TrainConfig, parse_args  # noqa: F401 (the flags, declared once; re-exported)
 
 
 @dataclass(frozen=True)
@@ -1110,22 +1070,6 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError("--warmup-ratio must be in [0, 1) and --min-lr-ratio in [0, 1]")
     if config.resume and config.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """A TrainConfig from command-line flags (one per field), for `python -m prep.train` before the typer CLI."""
-    parser = argparse.ArgumentParser(prog="prep train", description="Train a causal LM on packed prep shards.")
-    parser.add_argument("shards")
-    parser.add_argument("-o", "--out-dir", default=TrainConfig.out_dir)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("shards", "out_dir"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    return TrainConfig(**vars(parser.parse_args(argv)))
 
 
 def finish_distributed() -> None:

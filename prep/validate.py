@@ -269,7 +269,7 @@ def reject_from_error(path: str, line: int, format: str, payload: Any, error: Va
     fitting = [(d, loc) for d, loc, fits in located if fits] or [(d, loc) for d, loc, _ in located]
     details = [{**d, "loc": loc} for d, loc in fitting]
     reason = _reason(details[0], payload)
-    errors = [ErrorDetail(field=field_path(d["loc"]), message=_message(d, payload)) for d in details]
+    errors = [ErrorDetail(field=field_path(d["loc"]), message=_record_error_text(d, payload)) for d in details]
     return Reject(path=path, line=line, stage=STAGE, reason=reason, errors=errors, raw=raw_text(payload), format=format)
 
 
@@ -327,7 +327,7 @@ def _reason(detail: Any, payload: Any) -> str:
     return "invalid_value"
 
 
-def _message(detail: Any, payload: Any) -> str:
+def _record_error_text(detail: Any, payload: Any) -> str:
     """A readable message for one pydantic error (names the role, the alias, the bad byte)."""
     kind, loc, msg = detail["type"], detail["loc"], detail["msg"]
     if kind == "string_pattern_mismatch" and loc and loc[-1] in ("from", "role"):

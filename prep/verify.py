@@ -31,21 +31,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from prep.contract import (
+    IGNORE_INDEX,
+    MANIFEST,
+    UNPADDED_COLUMN,
+    check_manifest,
+    is_plain_name,
+    shard_columns,
+)
 from prep.errors import PrepError, ShardError
-from prep.example_templates import is_plain_name
 from prep.remote import is_url
 from prep.spill import concat_ranges
 from prep.write import sha256_file
 
-FORMAT = "prep-shards"
-FORMAT_VERSION = 1
-IGNORE_INDEX = -100
-PACKED_COLUMNS = ["input_ids", "labels", "position_ids", "seq_lengths"]
-UNPACKED_COLUMNS = [*PACKED_COLUMNS, "attention_mask"]
-UNPADDED_COLUMN = "seq_lengths_unpadded"  # with --pad-to-multiple-of N > 1: the real example lengths
 TOKEN_COLUMNS = ("labels", "position_ids", "attention_mask")  # aligned with input_ids, token by token
 LIST_INT32 = pa.list_(pa.int32())
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -142,9 +142,7 @@ def verify_shards(path: str | Path, limit: int = 10, threads: int | None = None)
     if manifest is None:
         report.problems = problems.finish()
         return report
-    columns = PACKED_COLUMNS if manifest["packed"] else UNPACKED_COLUMNS
-    if _pad_multiple(manifest) > 1:
-        columns = [*columns, UNPADDED_COLUMN]
+    columns = list(shard_columns(manifest["packed"], _pad_multiple(manifest) > 1))
     if manifest["columns"] != columns:
         problems.add(MANIFEST, None, "columns", f"columns are {manifest['columns']}, expected {columns}")
     totals = _Totals()
@@ -200,24 +198,9 @@ def _read_manifest(path: Path, problems: _Problems) -> dict[str, Any] | None:
     except (OSError, ValueError) as e:
         problems.add(MANIFEST, None, "manifest", f"unreadable JSON: {e}")
         return None
-    if (
-        not isinstance(manifest, dict)
-        or manifest.get("format") != FORMAT
-        or manifest.get("format_version") != FORMAT_VERSION
-    ):
-        got = (
-            (manifest.get("format"), manifest.get("format_version"))
-            if isinstance(manifest, dict)
-            else type(manifest).__name__
-        )
-        problems.add(MANIFEST, None, "manifest", f"format {got}, expected ({FORMAT!r}, {FORMAT_VERSION})")
-        return None
-    missing = [k for k in ("max_len", "packed", "columns", "shards", "counts", "tokenizer") if k not in manifest]
-    if missing:
-        problems.add(MANIFEST, None, "manifest", f"missing keys {missing}")
-        return None
-    if not all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in manifest["shards"]):
-        problems.add(MANIFEST, None, "manifest", "every entry of `shards` needs a `file` name")
+    problem = check_manifest(manifest)
+    if problem:
+        problems.add(MANIFEST, None, "manifest", problem)
         return None
     return manifest
 
@@ -687,7 +670,7 @@ def _report_tokens(
 # Rendering (rich)
 
 
-def render_verify(report: VerifyReport) -> Any:
+def verify_summary(report: VerifyReport) -> Any:
     """A rich renderable: one red line per problem, or one green line when every check holds."""
     from rich.console import Group
     from rich.text import Text

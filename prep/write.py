@@ -24,14 +24,13 @@ import numpy as np
 import pyarrow as pa
 
 from prep import __version__
+from prep.contract import FORMAT, FORMAT_VERSION, MANIFEST, WRITER_KEYS, check_manifest
 from prep.errors import ConfigError, OutputExistsError
 from prep.example_templates import EXAMPLE_TEMPLATES_FILE, write_example_templates
 from prep.remote import is_url
 from prep.pack import PackPlan, build_rows, packing_stats, shard_schema
 from prep.spill import ExampleStore
 
-FORMAT = "prep-shards"
-FORMAT_VERSION = 1
 BATCH_ROWS = 1000  # rows per Arrow record batch, fixed so that output bytes never depend on timing (datasets uses 1000)
 BATCH_TOKENS = 2**21  # ... and fewer when max_len is long: a record batch is built in memory, 4 columns at once
 MAX_SHARD_BYTES = 2**31  # keeps every shard well inside int32 list offsets and mmap-friendly
@@ -253,11 +252,14 @@ def write_shards(
                 tmp / EXAMPLE_TEMPLATES_FILE, store.groups, plan.order, plan.row_offsets)
         manifest = merge_manifest(ours, manifest_extra or {})
         manifest.setdefault("fingerprint", _fallback_fingerprint(manifest))
+        problem = check_manifest(manifest, required=WRITER_KEYS)
+        if problem:  # a bug in prep or in the caller's manifest_extra, caught before anything is published
+            raise ValueError(f"the manifest to write breaks the shard contract: {problem}")
         if before_commit is not None:
             before_commit(tmp)
         # datasets can open the folder once these two exist, so they come after every shard is complete.
         _write_datasets_files(tmp, names, manifest["columns"], manifest["fingerprint"])
-        write_json(tmp / "manifest.json", manifest)  # last: its presence marks a complete output
+        write_json(tmp / MANIFEST, manifest)  # last: its presence marks a complete output
     return manifest
 
 

@@ -8,9 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.config import FormatOption
 
+# Declared once: prep.encode takes its valid values from these (typing.get_args), recipes reuse them.
 TrainOn = Literal["completion", "last", "all"]
 Overflow = Literal["split", "truncate", "drop"]
 ExpandTurns = Literal["auto", "off", "all"]
+# A row must hold a template's markers plus some text: below 8 tokens nothing useful fits, and a value that small
+# is a typo. The encoder (library) and `prep pack` (this config) accept the same range.
+MIN_MAX_LEN = 8
 
 
 class PackConfig(BaseModel):
@@ -28,7 +32,7 @@ class PackConfig(BaseModel):
     tokenizer: str | None = Field(None, description="local folder or hub id; None = embedded demo tokenizer")
     trust_remote_code: bool = Field(False, description="allow a hub tokenizer's own code to run")
     template: str = Field("markers", description="markers | chatml | tokenizer | path to a TOML/YAML template")
-    max_len: int = Field(2048, ge=8, description="tokens per row")
+    max_len: int = Field(2048, ge=MIN_MAX_LEN, description="tokens per row")
     train_on: TrainOn = Field("completion", description="which tokens carry a loss")
     overflow: Overflow = Field("split", description="what to do with an example longer than max_len")
     expand_turns: ExpandTurns = Field("auto", description="one example per trained reply: auto (where the chat "

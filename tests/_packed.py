@@ -116,8 +116,8 @@ def build_packed(
         "overflow": overflow,
         "tokenizer": _tokenizer_entry(tok, tokenizer_name, tokenizer_fingerprint(tok)),
         "inputs": [{"path": ALPACA_EN.name, "sha256": sha256_file(ALPACA_EN), "bytes": ALPACA_EN.stat().st_size}],
-        "counts": {k: result.counts[k] for k in ("conversations", "truncated", "dropped", "split")}
-        | {"rejected": dict(result.rejected)},
+        "counts": {k: result.counts[k] for k in ("conversations", "truncated", "dropped")}
+        | {"split": result.counts["extra_pieces"], "rejected": dict(result.rejected)},
     }
     with ExampleStore(parent=out.parent) as store:
         store.append(result.table)

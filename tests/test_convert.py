@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prep.convert import (
-    Turn,
+    DraftTurn,
     _is_clean,
     alpaca_turns,
     check_strict,
@@ -200,8 +200,8 @@ def test_unified_record_converts_to_itself() -> None:
 # --- the rules ------------------------------------------------------------------------------
 
 
-def T(role: str, content: str = "x") -> Turn:
-    return Turn(role, content)
+def T(role: str, content: str = "x") -> DraftTurn:
+    return DraftTurn(role, content)
 
 
 @pytest.mark.parametrize("roles, kept, merged, trailing", [
@@ -277,7 +277,7 @@ def test_rules_property(turns: list[tuple[str, str]]) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["system", "user", "assistant"]), contents), max_size=7))
 def test_clean_fast_path_implies_no_problems(turns: list[tuple[str, str]]) -> None:
-    ts = [Turn(r, c) for r, c in turns]
+    ts = [DraftTurn(r, c) for r, c in turns]
     if _is_clean(ts):
         assert conversation_problems(ts) == []  # type: ignore[arg-type]
         assert normalize_turns(ts) == (ts, 0, [])

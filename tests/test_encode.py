@@ -437,7 +437,7 @@ def test_split_trains_every_reply_exactly_once(tok_name, template_name, max_len)
     convs = _long_chats()
     res = Encoder(tok, template, max_len=max_len, overflow="split").encode(convs)
     c = res.counts
-    assert c["split"] > 0 and c["conversations"] + c["split"] == c["examples"] + c["dropped"] + c["rejected"]
+    assert c["extra_pieces"] > 0 and c["conversations"] + c["extra_pieces"] == c["examples"] + c["dropped"] + c["rejected"]
     assert c["rejected"] == 0 and c["dropped"] < c["examples"] // 4
     rows = res.table.to_pylist()
     assert all(len(r["input_ids"]) <= max_len for r in rows)
@@ -477,7 +477,7 @@ def test_split_under_last_keeps_only_the_final_reply_with_context():
     tok = tokenizer("qwen2-1.5b-instruct-boundless")
     convs = _long_chats(10)
     res = Encoder(tok, BUILTIN_TEMPLATES["chatml"], train_on="last", max_len=512).encode(convs)
-    assert res.counts["split"] == 0
+    assert res.counts["extra_pieces"] == 0
     for conv, row in zip(convs, res.table.to_pylist()):
         assert len(row["input_ids"]) <= 512
         runs = _decoded_runs(tok, row)
@@ -530,7 +530,7 @@ def test_single_turn_too_long_is_cut_in_the_middle_of_the_prompt():
         ],
     )
     res = Encoder(tok, BUILTIN_TEMPLATES["markers"], max_len=256).encode([conv])
-    assert (res.counts["examples"], res.counts["truncated"], res.counts["split"]) == (1, 1, 0)
+    assert (res.counts["examples"], res.counts["truncated"], res.counts["extra_pieces"]) == (1, 1, 0)
     row = res.table.to_pylist()[0]
     assert 200 < len(row["input_ids"]) <= 256
     text = tok.decode(row["input_ids"])
@@ -579,7 +579,7 @@ def test_accounting_on_real_data():
     res = Encoder(tok, load_template("tokenizer", tok), max_len=1024).encode(convs)
     c = res.counts
     assert c["conversations"] == len(convs)
-    assert c["conversations"] + c["split"] == c["examples"] + c["dropped"] + c["rejected"]
+    assert c["conversations"] + c["extra_pieces"] == c["examples"] + c["dropped"] + c["rejected"]
     assert c["rejected"] == sum(res.rejected.values()) and len(res.rejects) == c["dropped"] + c["rejected"]
     assert c["tokens"] == sum(len(x) for x in res.table["input_ids"].to_pylist())
     assert c["trained_tokens"] == sum(label != IGNORE_INDEX for x in res.table["labels"].to_pylist() for label in x)

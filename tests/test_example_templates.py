@@ -16,7 +16,8 @@ import yaml
 from prep.example_templates import EXAMPLE_TEMPLATES_FILE, manifest_templates, read_example_templates
 from prep.inspect import iter_row_views
 from prep.load import iter_rows, load_shards
-from prep.pipeline import build_config, pack_shards, render_pack_report
+from prep.pipeline import build_config, pack_shards
+from prep.report import pack_summary
 from prep.render import load_template, template_from_dict, template_sha256, template_to_dict
 from prep.stats import shard_stats
 from prep.tokenizer import check_markers, default_tokenizer
@@ -122,7 +123,7 @@ def test_pack_prints_the_markers_of_every_template(mixed):
 
     _, _, report = mixed
     console = Console(record=True, width=200)
-    console.print(render_pack_report(report))
+    console.print(pack_summary(report))
     out = console.export_text()
     for title in ("template markers: markers", "template markers: chatml", "template markers: "):
         assert title in out

@@ -13,7 +13,7 @@ from _packed import ALPACA_EN, DATA, TOKENIZERS, packed_shards, tokenizer
 from prep.errors import ConfigError, InputError
 from prep.inspect import (
     NEWLINE_GLYPH,
-    Piece,
+    TextSpan,
     example_text,
     example_views,
     inspect_record,
@@ -21,7 +21,7 @@ from prep.inspect import (
     iter_row_views,
     label_pieces,
     marker_pattern,
-    render_row,
+    row_display,
     token_texts,
 )
 from prep.render import BUILTIN_TEMPLATES
@@ -43,13 +43,13 @@ def test_label_pieces_cut_at_mask_changes_and_markers():
     labels = np.where(np.arange(len(ids)) >= n_prompt, ids, -100)
     pieces = label_pieces(ids, labels, tok, marker_pattern(tok, BUILTIN_TEMPLATES["markers"]))
     assert pieces == [
-        Piece("###instruction###", False, True),
-        Piece("\nQ?\n\n", False),
-        Piece("###response###", False, True),
-        Piece("\n", False),
-        Piece("A!\n", True),
-        Piece("###", True, True),
-        Piece("<|endoftext|>", True, True),
+        TextSpan("###instruction###", False, True),
+        TextSpan("\nQ?\n\n", False),
+        TextSpan("###response###", False, True),
+        TextSpan("\n", False),
+        TextSpan("A!\n", True),
+        TextSpan("###", True, True),
+        TextSpan("<|endoftext|>", True, True),
     ]
 
 
@@ -127,7 +127,7 @@ def test_row_and_example_selection_and_ids_table():
     assert [e.index for e in last.examples] == [view.num_examples - 1]
     assert last.examples[0].start == view.examples[-1].start
     console = Console(record=True, width=200)
-    console.print(render_row(last, ids=True))
+    console.print(row_display(last, ids=True))
     out = console.export_text()
     ex = last.examples[0]
     assert f"{ex.start}  " in out and str(int(ex.input_ids[0])) in out and "-100" in out

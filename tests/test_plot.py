@@ -168,8 +168,8 @@ def test_without_matplotlib_plot_is_one_line_naming_the_extra(tmp_path):
 
 
 def test_matplotlib_is_imported_only_for_a_plot():
-    code = ("import sys; from prep.cli import app; from prep.stats import shard_stats, render_stats; "
-            f"render_stats(shard_stats({str(packed_shards())!r})); print('matplotlib' in sys.modules)")
+    code = ("import sys; from prep.cli import app; from prep.stats import shard_stats, stats_summary; "
+            f"stats_summary(shard_stats({str(packed_shards())!r})); print('matplotlib' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert done.stdout.strip() == "False", done.stderr

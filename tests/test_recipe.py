@@ -23,7 +23,7 @@ import yaml
 from prep.errors import ConfigError
 from prep.load import iter_rows, load_shards, split_names
 from prep.pipeline import build_config, pack_shards
-from prep.recipe import copies, held_out_count, load_recipe, round_half_up, select, validation_hashes
+from prep.recipe import copies, held_out_count, load_recipe, repeat, round_half_up, validation_hashes
 from schemas.conversation import Conversation, Message
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,9 +85,8 @@ def test_weight_subset_depends_on_content_not_order():
 
 
 def test_repeats_get_distinct_ids():
-    picked = select([conv(1), conv(2)], 2.0, seed=0)
-    assert [c.id for c in picked] == ["1", "1@2", "2", "2@2"]
-    assert [c.id for c in select([conv(1)], 3.0, seed=0)] == ["1", "1@2", "1@3"]
+    assert [c.id for c in repeat(conv(1), 3)] == ["1", "1@2", "1@3"]
+    assert repeat(conv(2), 1) == [conv(2)] and repeat(conv(2), 0) == []
 
 
 def test_validation_split_is_exact_and_order_free():

@@ -19,8 +19,8 @@ from prep.render import (
     BUILTIN_TEMPLATES,
     RenderError,
     RenderFailure,
+    RoleWrap,
     Template,
-    Turn,
     load_template,
     render,
     render_batch,
@@ -353,7 +353,7 @@ def test_template_sha256_is_stable_and_ignores_the_name():
     markers = BUILTIN_TEMPLATES["markers"]
     assert template_sha256(markers) == template_sha256(Template(**{**markers.__dict__, "name": "other"}))
     assert template_sha256(markers) != template_sha256(BUILTIN_TEMPLATES["chatml"])
-    changed = Template(**{**markers.__dict__, "roles": markers.roles.__class__(assistant=Turn("A", "B", "C"))})
+    changed = Template(**{**markers.__dict__, "roles": markers.roles.__class__(assistant=RoleWrap("A", "B", "C"))})
     assert template_sha256(changed) != template_sha256(markers)
 
 

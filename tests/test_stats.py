@@ -11,7 +11,7 @@ from rich.console import Console
 from _packed import ALPACA_EN, TOKENIZERS, packed_shards
 from prep.load import load_shards
 from prep.render import BUILTIN_TEMPLATES
-from prep.stats import ROLES, input_stats, length_histogram, render_stats, role_token_counts, shard_stats
+from prep.stats import ROLES, input_stats, length_histogram, stats_summary, role_token_counts, shard_stats
 from prep.tokenizer import default_tokenizer
 from schemas.conversation import Conversation, Message
 
@@ -61,8 +61,9 @@ def test_shard_stats_agree_with_the_manifest():
     path = packed_shards()
     manifest = json.loads((path / "manifest.json").read_text())
     stats = shard_stats(path)
-    for key in ("examples", "rows", "tokens", "trained_tokens", "truncated", "dropped", "split", "conversations"):
+    for key in ("examples", "rows", "tokens", "trained_tokens", "truncated", "dropped", "conversations"):
         assert stats.counts[key] == manifest["counts"][key], key
+    assert stats.counts["extra_pieces"] == manifest["counts"]["split"]  # the manifest keeps its key
     assert stats.packing == manifest["packing"]
     assert stats.packing["lower_bound_rows"] == -(-manifest["counts"]["tokens"] // manifest["max_len"])
     assert stats.counts["truncated"] > 0  # the 256-token limit truncates real records
@@ -91,8 +92,9 @@ def test_longest_examples_point_at_real_examples():
 def test_input_stats_match_the_shards_made_from_the_same_records(alpaca_200):
     stats = input_stats(alpaca_200, tokenizer=SMOLLM, template="markers", max_len=256, overflow="truncate")
     manifest = json.loads((packed_shards() / "manifest.json").read_text())
-    for key in ("conversations", "examples", "rows", "tokens", "trained_tokens", "truncated", "dropped", "split"):
+    for key in ("conversations", "examples", "rows", "tokens", "trained_tokens", "truncated", "dropped"):
         assert stats.counts[key] == manifest["counts"][key], key
+    assert stats.counts["extra_pieces"] == manifest["counts"]["split"]  # the manifest keeps its key
     assert stats.packing == manifest["packing"]  # the same best-fit-decreasing plan
     assert stats.counts["over_max_len"] == stats.counts["truncated"]
     roles = stats.tokens_by_role
@@ -109,10 +111,10 @@ def test_input_stats_without_overflow_count_assistant_tokens_as_trained(alpaca_2
     assert stats.longest[0].where  # the example id
 
 
-def test_render_stats_shows_the_numbers():
+def test_stats_summary_shows_the_numbers():
     stats = shard_stats(packed_shards())
     console = Console(record=True, width=120)
-    console.print(render_stats(stats))
+    console.print(stats_summary(stats))
     out = console.export_text()
     assert f"{stats.counts['tokens']:,}" in out and "packing efficiency" in out and "█" in out
     assert f"lower bound {stats.packing['lower_bound_rows']}" in out

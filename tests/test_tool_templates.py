@@ -310,7 +310,7 @@ def test_over_long_tool_conversations_split_between_exchanges():
     full = Encoder(tok, load_template("tokenizer", tok), max_len=BIG).encode([conv]).table.to_pylist()[0]
     res = Encoder(tok, load_template("tokenizer", tok), max_len=len(full["input_ids"]) * 2 // 3).encode([conv])
     rows = res.table.to_pylist()
-    assert res.counts["split"] >= 1 and not res.rejected and len(rows) == 1 + res.counts["split"]
+    assert res.counts["extra_pieces"] >= 1 and not res.rejected and len(rows) == 1 + res.counts["extra_pieces"]
     assert [run for row in rows for run in _runs(tok, row)] == _runs(tok, full)
     for row in rows:
         text = tok.decode(row["input_ids"])

@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from _packed import copy_packed, packed_shards
-from prep.verify import render_verify, verify_shards
+from prep.verify import verify_summary, verify_shards
 from prep.write import sha256_file
 
 SHARD = "data-00003-of-00010.arrow"
@@ -64,7 +64,7 @@ def test_real_shards_pass_every_check():
     assert (report.shards, report.rows, report.tokens) == (len(m["shards"]), m["counts"]["rows"], m["counts"]["tokens"])
     assert report.bytes == sum((path / s["file"]).stat().st_size for s in m["shards"])
     console = Console(record=True, width=300)
-    console.print(render_verify(report))
+    console.print(verify_summary(report))
     assert console.export_text().startswith("ok:")
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from prep import __version__
+from prep.contract import UNPADDED_COLUMN
 from prep.errors import ConfigError, ShardError
 from prep.load import load_shards, read_manifest, split_names
 from prep.write import sha256_file, staging_dir, write_json
@@ -35,8 +36,6 @@ from schemas.export_config import ExportConfig
 FORMAT = "prep-export"
 FORMAT_VERSION = 1
 SPLITS_FORMAT = "prep-export-splits"
-IGNORE_INDEX = -100
-UNPADDED_COLUMN = "seq_lengths_unpadded"
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class RowBatch:
 
 
 @dataclass(frozen=True)
-class Source:
+class ShardSource:
     """One shard folder to export: its path, manifest and the name of each shard file."""
 
     path: Path
@@ -154,17 +153,17 @@ def export_shards(config: ExportConfig) -> ExportReport:
     report = ExportReport(str(out), {})
     with staging_dir(out, overwrite=config.overwrite) as tmp:
         if not names:
-            report.manifest = _export_one(Source(shards, read_manifest(shards)), tmp, config, writers[config.to])
+            report.manifest = _export_one(ShardSource(shards, read_manifest(shards)), tmp, config, writers[config.to])
         else:
             for name in names:
-                source = Source(shards / name, read_manifest(shards / name))
+                source = ShardSource(shards / name, read_manifest(shards / name))
                 report.splits[name] = _export_one(source, tmp / name, config, writers[config.to], top=False)
             report.manifest = _splits_manifest(shards, names, report.splits, config)
             write_json(tmp / "manifest.json", report.manifest)
     return report
 
 
-def _export_one(source: Source, out: Path, config: ExportConfig, writer, top: bool = True) -> dict[str, Any]:
+def _export_one(source: ShardSource, out: Path, config: ExportConfig, writer, top: bool = True) -> dict[str, Any]:
     """Export one shard folder into `out` (created), checking every source file's sha256 as it is read."""
     load_shards(source.path)  # schema, row counts and column types checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +185,7 @@ def _export_one(source: Source, out: Path, config: ExportConfig, writer, top: bo
     return manifest
 
 
-def _manifest(source: Source, out: Path, config: ExportConfig, details: dict[str, Any]) -> dict[str, Any]:
+def _manifest(source: ShardSource, out: Path, config: ExportConfig, details: dict[str, Any]) -> dict[str, Any]:
     """The export's manifest: the format, the source shards (fingerprint, files, sha256), tokenizer, counts, files."""
     m = source.manifest
     files = sorted(p for p in out.rglob("*") if p.is_file() and "tokenizer" not in p.relative_to(out).parts)
@@ -230,7 +229,7 @@ def _splits_manifest(shards: Path, names: list[str], splits: dict[str, dict], co
     }
 
 
-def render_export(report: ExportReport) -> Any:
+def export_summary(report: ExportReport) -> Any:
     """One line per exported folder: rows, examples, tokens and files written."""
     from rich.console import Group
     from rich.text import Text
