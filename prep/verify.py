@@ -420,8 +420,12 @@ class _Where:
         return f"(row {self.global_row + local} overall)"
 
 
-def _flat(column: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
-    """A list<int32> array as (int64 offsets starting at 0, int32 values), zero-copy for the values."""
+def flat_list(column: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """A list<int32> array as (int64 offsets starting at 0, int32 values), zero-copy for the values.
+
+    >>> flat_list(pa.array([[1, 2], [3]], pa.list_(pa.int32()))[1:])   # a slice starts its offsets at 0
+    (array([0, 1]), array([3], dtype=int32))
+    """
     offsets = np.asarray(column.offsets, dtype=np.int64)
     values = np.asarray(column.values)[offsets[0] : offsets[-1]]
     return offsets - offsets[0], values
@@ -449,7 +453,7 @@ def _check_batch(
             where.file, where.row, "nulls", f"columns {nulls} hold nulls in the rows from here {where.overall(0)}"
         )
         return
-    cols = {n: _flat(batch.column(n)) for n in batch.schema.names}
+    cols = {n: flat_list(batch.column(n)) for n in batch.schema.names}
     good = _check_rows(cols, where, manifest, problems)
     _check_tokens(cols, good, where, manifest, problems)
     if UNPADDED_COLUMN in cols:

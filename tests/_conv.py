@@ -11,6 +11,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from prep.render import Template
 from schemas.conversation import Conversation, Message, SourceRef, conversation_problems
@@ -107,3 +108,32 @@ def reasoning_conversations() -> tuple[list[Message], ...]:
     two = one + [Message(role="user", content="3+3?"), Message(role="assistant", content=fold_reasoning("3+3.", "6"))]
     plain_last = one + [Message(role="user", content="Thanks"), Message(role="assistant", content="You're welcome.")]
     return one, two, plain_last
+
+
+# Chat templates of families without a tokenizer in ../shared, written as those models ship them: BOS printed by
+# the template and contents trimmed (Llama 3), a `model` role, trimming and a raise on system messages (Gemma),
+# an EOS after the last turn (Phi-3). Each goes on the real SmolLM2 tokenizer with its special tokens added.
+OTHER_FAMILIES = {
+    "llama3": ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+               "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+               "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}",
+               ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|begin_of_text|>"),
+    "gemma": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+              "{% endif %}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+              "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + "
+              "message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}",
+              ["<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>"),
+    "phi3": ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+             "{% endfor %}{{ eos_token }}", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], None),
+}
+
+
+def family_tokenizer(family: str) -> Any:
+    """The real SmolLM2 tokenizer given family `family`'s chat template and special tokens (OTHER_FAMILIES)."""
+    from transformers import AutoTokenizer
+
+    chat_template, specials, bos = OTHER_FAMILIES[family]
+    tok = AutoTokenizer.from_pretrained(TOKENIZERS / "smollm2-135m")
+    tok.add_special_tokens({"additional_special_tokens": specials, **({"bos_token": bos} if bos else {})})
+    tok.chat_template = chat_template
+    return tok

@@ -190,13 +190,23 @@ class FakeHub:
             return self._resolve(h, repo_id, revision, file, head)
         self._error(h, 404, "RepoNotFound")
 
-    def _api(self, h, repo_id: str, kind: str, revision: str) -> None:
+    def _repo_commit(self, h, repo_id: str, revision: str) -> tuple[dict, str] | None:
+        """The repo and the commit `revision` names, or None once the Hub's error is sent."""
         repo = self.repos.get(repo_id)
         if repo is None:
-            return self._error(h, 401, "RepoNotFound")
+            self._error(h, 401, "RepoNotFound")
+            return None
         commit = self._commit(repo, revision)
         if commit is None:
-            return self._error(h, 404, "RevisionNotFound")
+            self._error(h, 404, "RevisionNotFound")
+            return None
+        return repo, commit
+
+    def _api(self, h, repo_id: str, kind: str, revision: str) -> None:
+        found = self._repo_commit(h, repo_id, revision)
+        if found is None:
+            return None
+        repo, commit = found
         files = repo["commits"][commit]
         if kind == "revision":
             body = {"id": repo_id, "sha": commit, "private": False, "gated": "auto" if repo.get("gated") else False,
@@ -208,12 +218,10 @@ class FakeHub:
         self._send(h, 200, json.dumps(body).encode(), {"Content-Type": "application/json"})
 
     def _resolve(self, h, repo_id: str, revision: str, file: str, head: bool) -> None:
-        repo = self.repos.get(repo_id)
-        if repo is None:
-            return self._error(h, 401, "RepoNotFound")
-        commit = self._commit(repo, revision)
-        if commit is None:
-            return self._error(h, 404, "RevisionNotFound")
+        found = self._repo_commit(h, repo_id, revision)
+        if found is None:
+            return None
+        repo, commit = found
         if repo.get("gated") and file != "README.md" and h.headers.get("Authorization") != f"Bearer {self.token}":
             return self._error(h, 401, "GatedRepo")
         data = repo["commits"][commit].get(file)

@@ -81,3 +81,11 @@ class MotoServer:
 
     def __exit__(self, *exc) -> None:
         self.kill()
+
+
+def one_error_line(done: subprocess.CompletedProcess) -> str:
+    """The single red line of a failed command (and no traceback)."""
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in done.stderr, done.stderr
+    return lines[0]

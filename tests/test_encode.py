@@ -10,10 +10,12 @@ from __future__ import annotations
 import pytest
 
 from _conv import (
+    OTHER_FAMILIES,
     THINKING_TEMPLATE,
     TOKENIZERS,
     TOKENIZER_NAMES,
     alpaca,
+    family_tokenizer,
     kto,
     reasoning_conversations,
     sharegpt,
@@ -149,32 +151,9 @@ def test_tokenizer_template_ids_equal_apply_chat_template(tok_name):
         assert row["input_ids"] == tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
 
 
-# Chat templates of families without a tokenizer in ../shared, written as those models ship them: BOS printed by
-# the template and contents trimmed (Llama 3), a `model` role, trimming and a raise on system messages (Gemma),
-# an EOS after the last turn (Phi-3). Each goes on the real SmolLM2 tokenizer with its special tokens added.
-OTHER_FAMILIES = {
-    "llama3": ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
-               "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-               "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}",
-               ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|begin_of_text|>"),
-    "gemma": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-              "{% endif %}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
-              "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + "
-              "message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}",
-              ["<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>"),
-    "phi3": ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-             "{% endfor %}{{ eos_token }}", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], None),
-}
-
-
 @pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
 def test_other_families_chat_templates_give_apply_chat_template_ids(family):
-    from transformers import AutoTokenizer
-
-    chat_template, specials, bos = OTHER_FAMILIES[family]
-    tok = AutoTokenizer.from_pretrained(TOKENIZERS / "smollm2-135m")
-    tok.add_special_tokens({"additional_special_tokens": specials, **({"bos_token": bos} if bos else {})})
-    tok.chat_template = chat_template
+    tok = family_tokenizer(family)
     convs = [*alpaca(limit=40), *sharegpt(limit=8), *kto(limit=20)]
     with_systems = [with_system(c).model_copy(update={"id": f"{c.id}-system"}) for c in alpaca(limit=4)]
     res = Encoder(tok, load_template("tokenizer", tok), max_len=BIG).encode(convs + with_systems)

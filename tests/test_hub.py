@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from _hub import FakeHub, commit_id, jsonl_repo, lay_out_cache, layout_repo, mixture_repo, parquet_bytes
-from _s3 import BUCKET, MotoServer
+from _s3 import BUCKET, MotoServer, one_error_line
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -26,14 +26,6 @@ def prep(*args: str, cwd: Path, env: dict[str, str], online: bool = False) -> su
         full["HF_HUB_OFFLINE"] = "1"
     return subprocess.run([sys.executable, "-m", "prep", *args], cwd=cwd, env=full, capture_output=True, text=True,
                           timeout=600)
-
-
-def one_error_line(done: subprocess.CompletedProcess) -> str:
-    """The single red line of a failed command (and no traceback)."""
-    assert done.returncode == 1, (done.stdout, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in done.stderr, done.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from _s3 import BUCKET, MotoServer
+from _s3 import BUCKET, MotoServer, one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -27,14 +27,6 @@ def prep(*args: str, cwd: Path, env: dict[str, str], timeout: int = 600) -> subp
     full = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200", **env)
     return subprocess.run([sys.executable, "-m", "prep", *args], cwd=cwd, env=full, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def one_error_line(done: subprocess.CompletedProcess) -> str:
-    """The single red line of a failed command (and no traceback)."""
-    assert done.returncode == 1, (done.stdout, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in done.stderr, done.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import json
 import pytest
 from tokenizers import AddedToken, Tokenizer
 
-from _conv import TOKENIZERS, THINKING_TEMPLATE, kto, reasoning_conversations, sharegpt, tokenizer, with_system
+from _conv import OTHER_FAMILIES, TOKENIZERS, THINKING_TEMPLATE, family_tokenizer, kto, reasoning_conversations, sharegpt, tokenizer, with_system
 from prep.encode import IGNORE_INDEX, Encoder
 from prep.render import BUILTIN_TEMPLATES, load_template, render
 from prep.slicing import Whole, find_cut, joints_of
@@ -72,32 +72,14 @@ def test_sliced_pieces_equal_under_every_policy(tok_name, template_name, train_o
     assert sliced.counts["pieces_sliced"] > 0
 
 
-# Chat templates of other families, on the real SmolLM2 tokenizer with their special tokens added (as in
-# test_encode): BOS printed by the template and trimmed contents (Llama 3), a raise on system messages (Gemma),
-# an EOS after the last turn only (Phi-3: every piece has a tail of its own to tokenize).
-FAMILIES = {
-    "llama3": ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
-               "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-               "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}",
-               ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|begin_of_text|>"),
-    "gemma": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-              "{% endif %}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
-              "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + "
-              "message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}",
-              ["<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>"),
-    "phi3": ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-             "{% endfor %}{{ eos_token }}", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], None),
-}
+# Chat templates of other families (tests/_conv.OTHER_FAMILIES): BOS printed by the template and trimmed contents
+# (Llama 3), a raise on system messages (Gemma), an EOS after the last turn only (Phi-3: every piece has a tail of
+# its own to tokenize).
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
 def test_other_families_slice_exactly(family, chats):
-    from transformers import AutoTokenizer
-
-    chat_template, specials, bos = FAMILIES[family]
-    tok = AutoTokenizer.from_pretrained(TOKENIZERS / "smollm2-135m")
-    tok.add_special_tokens({"additional_special_tokens": specials, **({"bos_token": bos} if bos else {})})
-    tok.chat_template = chat_template
+    tok = family_tokenizer(family)
     template = load_template("tokenizer", tok)
     sliced = Encoder(tok, template, max_len=512).encode(chats)
     _assert_same(sliced, Encoder(tok, template, max_len=512, slicing=False).encode(chats))

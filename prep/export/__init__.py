@@ -30,6 +30,7 @@ from prep import __version__
 from prep.contract import UNPADDED_COLUMN
 from prep.errors import ConfigError, ShardError
 from prep.load import load_shards, read_manifest, split_names
+from prep.verify import flat_list
 from prep.write import sha256_file, staging_dir, write_json
 from schemas.export_config import ExportConfig
 
@@ -110,18 +111,12 @@ def row_batch(batch: pa.RecordBatch) -> RowBatch:
     >>> row_batch(b).token_offsets.tolist(), row_batch(b).real_lengths.tolist()
     ([0, 2], [2])
     """
-    ids_off, ids = _flat(batch.column("input_ids"))
-    _, labels = _flat(batch.column("labels"))
-    seq_off, seq = _flat(batch.column("seq_lengths"))
+    ids_off, ids = flat_list(batch.column("input_ids"))
+    _, labels = flat_list(batch.column("labels"))
+    seq_off, seq = flat_list(batch.column("seq_lengths"))
     names = batch.schema.names
-    real = _flat(batch.column(UNPADDED_COLUMN))[1] if UNPADDED_COLUMN in names else seq
+    real = flat_list(batch.column(UNPADDED_COLUMN))[1] if UNPADDED_COLUMN in names else seq
     return RowBatch(ids, labels, ids_off, seq, real, seq_off, batch)
-
-
-def _flat(column: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
-    """A list<int32> array as (int64 offsets starting at 0, int32 values)."""
-    offsets = np.asarray(column.offsets, dtype=np.int64)
-    return offsets - offsets[0], np.asarray(column.values)[offsets[0] : offsets[-1]]
 
 
 def export_shards(config: ExportConfig) -> ExportReport:
