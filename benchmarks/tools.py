@@ -11,6 +11,7 @@ interleaved and the median tokens/s is reported, with the ratio per CPU-second t
     python benchmarks/tools.py                                  # qwen2.5 with its own template, 5 runs
     python benchmarks/tools.py --tokenizer mistral-7b-instruct-v0.3 --template tokenizer --template chatml
     python benchmarks/tools.py --expansion     # tokens written under --expand-turns off / auto / all (Qwen3)
+    python benchmarks/tools.py --profile 2000 --tokenizer mistral-7b-instruct-v0.3   # where encode's time goes
 """
 
 from __future__ import annotations
@@ -115,6 +116,19 @@ def expansion_cost(args: argparse.Namespace) -> None:
             f"{mode}: {n:,} tokens in {e:,} examples ({n / off:.2f}x), {t:,} trained" for mode, (n, e, t) in tokens.items()))
 
 
+def profile(tokenizer_name: str, template_name: str, convs: list, args: argparse.Namespace) -> None:
+    """cProfile of one `Encoder.encode` call over `convs` (after a warm-up batch); prints the top functions."""
+    import cProfile
+    import pstats
+
+    tok = load_tokenizer(str(DATA / "tokenizers" / tokenizer_name))
+    encoder = Encoder(tok, load_template(template_name, tok), max_len=args.max_len)
+    encoder.encode(convs[:100])
+    profiler = cProfile.Profile()
+    profiler.runcall(encoder.encode, convs)
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+
+
 def main() -> None:
     """Parse arguments and run the benchmark for each tokenizer and template."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,9 +139,14 @@ def main() -> None:
     parser.add_argument("--template", action="append", help="tokenizer | chatml | markers (repeatable)")
     parser.add_argument("--tokenizer", action="append", help="default: qwen2.5-0.5b-instruct")
     parser.add_argument("--expansion", action="store_true", help="print the token cost of --expand-turns instead")
+    parser.add_argument("--profile", type=int, metavar="N", help="profile encode on N conversations instead")
     args = parser.parse_args()
     if args.expansion:
         expansion_cost(args)
+        return
+    if args.profile:
+        profile((args.tokenizer or ["qwen2.5-0.5b-instruct"])[0], (args.template or ["tokenizer"])[0],
+                tool_conversations(args.profile), args)
         return
     convs = tool_conversations(args.examples)
     for name in args.tokenizer or ["qwen2.5-0.5b-instruct"]:
